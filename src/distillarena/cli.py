@@ -1,0 +1,93 @@
+"""The ``distillarena`` command. User errors end with one message and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+DEFAULT_RUNS = Path(os.environ.get("DISTILLARENA_RUNS", "runs"))
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .config import DemoConfig, load_config
+    from .recipes.demo import new_run_dir, run_demo
+
+    cfg = load_config(args.config, DemoConfig)
+    out = new_run_dir(DEFAULT_RUNS, "demo", args.out, args.overwrite)
+    run_demo(cfg, out)
+
+
+def _cmd_teach(args: argparse.Namespace) -> None:
+    from .config import TeacherConfig, load_config
+    from .recipes.teach import export_teacher, teach
+
+    cfg = load_config(args.config, TeacherConfig)
+    result = teach(cfg, force=args.force)
+    if args.out:
+        path = export_teacher(result, args.out, overwrite=args.overwrite)
+        print(f"teacher written to {path}")
+    else:
+        print(result.path)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from .evaluate.task_eval import evaluate_problems
+    from .models.presets import load_model, load_tokenizer
+    from .tasks.arithmetic import ArithmeticTask
+
+    model, tok = load_model(args.model), load_tokenizer(args.model)
+    console = Console()
+    for k in args.ops:
+        ev = evaluate_problems(model, tok, ArithmeticTask().problems(args.split, args.n, k, seed=args.seed))
+        console.print(f"{k} operation(s): accuracy {ev.accuracy:.1%}, step validity {ev.step_validity:.1%} "
+                      f"(n={ev.n}, {args.split} split)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distillarena", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the whole story on the built-in world; writes a run folder with report.html")
+    d.add_argument("config", nargs="?", type=Path, help="YAML config (defaults work without one)")
+    d.add_argument("--out", type=Path, help="run folder (default: runs/demo-<time>)")
+    d.add_argument("--overwrite", action="store_true", help="write into an existing non-empty run folder")
+    d.set_defaults(func=_cmd_demo)
+
+    t = sub.add_parser("teach", help="train a teacher preset on the built-in task (cached by config hash)")
+    t.add_argument("config", nargs="?", type=Path, help="YAML config of a TeacherConfig")
+    t.add_argument("--out", type=Path, help="also copy the teacher folder here")
+    t.add_argument("--force", action="store_true", help="retrain even if a cached teacher exists")
+    t.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    t.set_defaults(func=_cmd_teach)
+
+    e = sub.add_parser("evaluate", help="accuracy of a model folder on the built-in task")
+    e.add_argument("model", help="save_pretrained folder or cached hub id")
+    e.add_argument("--split", default="test", choices=["train", "holdout", "test"])
+    e.add_argument("--ops", type=int, nargs="+", default=[1, 2, 3, 4])
+    e.add_argument("--n", type=int, default=200)
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=_cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"distillarena: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distillarena: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

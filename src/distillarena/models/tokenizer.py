@@ -1,0 +1,91 @@
+"""The built-in world's tokenizer: a byte-level BPE trained locally with ``tokenizers``, digits kept single.
+
+Byte-level, so any text encodes and decodes exactly (no unknown token); each digit is its own token so
+the models do arithmetic on digits, not on arbitrary number chunks. It is trained on a seeded corpus of
+the arithmetic task and wrapped as a ``PreTrainedTokenizerFast``, so ``save_pretrained`` /
+``AutoTokenizer.from_pretrained`` work with no project code. Training is deterministic and takes well
+under a second; the result is cached on disk by the hash of its recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from ..paths import atomic_dir, cache_dir
+from ..tasks.arithmetic import ArithmeticConfig, ArithmeticTask
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+USER = "<|user|>"
+ASSISTANT = "<|assistant|>"
+SPECIAL_TOKENS = [PAD, EOS, USER, ASSISTANT]
+TASK_VOCAB_SIZE = 384
+CORPUS_SEED = 1234
+CORPUS_SIZE = 20_000
+# A minimal chat template, so chat-format (``messages``) data works with the built-in tokenizer too.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}" + USER + "{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}" + ASSISTANT + "{{ m['content'] }}" + EOS + ""
+    "{% else %}{{ m['content'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
+)
+
+
+def _corpus() -> list[str]:
+    task = ArithmeticTask(ArithmeticConfig(word_fraction=0.3))
+    rng = random.Random(CORPUS_SEED)
+    lines = []
+    for i in range(CORPUS_SIZE):
+        p = task.sample(rng, 1 + i % 4)
+        lines.append(p.prompt + p.random_solution(rng))
+    return lines
+
+
+def _recipe_hash() -> str:
+    recipe = {"task": dataclasses.asdict(ArithmeticConfig(word_fraction=0.3)), "vocab": TASK_VOCAB_SIZE,
+              "seed": CORPUS_SEED, "n": CORPUS_SIZE, "special": SPECIAL_TOKENS,
+              "template": CHAT_TEMPLATE, "version": 1}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def train_task_tokenizer() -> PreTrainedTokenizerFast:
+    """Train the byte-level BPE on the task corpus and wrap it (no caching)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TASK_VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"  # generation pads on the left; training code pads explicitly
+    return fast
+
+
+def task_tokenizer() -> PreTrainedTokenizerFast:
+    """The built-in tokenizer, trained once and then loaded from the cache."""
+    path = cache_dir() / "tokenizers" / f"arith-{_recipe_hash()}"
+    if not (path / "tokenizer.json").exists():
+        tok = train_task_tokenizer()
+        with atomic_dir(path) as tmp:
+            tok.save_pretrained(tmp)
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, path: str | Path) -> None:
+    tokenizer.save_pretrained(str(path))

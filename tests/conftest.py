@@ -1,0 +1,27 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Tests never read or write the user's cache; the session shares one temporary cache."""
+    old = os.environ.get("DISTILLARENA_CACHE")
+    os.environ["DISTILLARENA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("DISTILLARENA_CACHE", None)
+    else:
+        os.environ["DISTILLARENA_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def task_tok(_isolated_cache):
+    from distillarena.models.tokenizer import task_tokenizer
+
+    return task_tokenizer()
