@@ -73,7 +73,7 @@ def test_numbers_stay_in_range():
     for p in ArithmeticTask(cfg).problems("train", 300, [1, 2, 3, 4], seed=3):
         for line in p.solution().splitlines()[:-1]:
             value = int(line.split("=")[1])
-            assert 0 <= value <= cfg.max_value
+            assert cfg.min_value <= value <= cfg.max_value
 
 
 def test_splits_are_seeded_and_disjoint():
@@ -109,4 +109,6 @@ def test_bad_difficulty_and_split():
     with pytest.raises(UserError, match="unknown split"):
         ArithmeticTask().problems("validation", 10, 1)
     with pytest.raises(UserError, match="too small"):
-        ArithmeticTask(ArithmeticConfig(add_max=2)).problems("test", 500, 1)
+        ArithmeticTask(ArithmeticConfig(add_min=1, add_max=2, min_value=0)).problems("test", 500, 1)
+    with pytest.raises(UserError, match="invalid arithmetic ranges"):
+        ArithmeticConfig(add_min=50, add_max=20)

@@ -49,6 +49,47 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
                       f"(n={ev.n}, {args.split} split)")
 
 
+def _cmd_traces(args: argparse.Namespace) -> None:
+    from .config import TracesConfig, load_config
+    from .recipes.traces import run_traces
+
+    run_traces(load_config(args.config, TracesConfig), args.out)
+
+
+def _cmd_distill(args: argparse.Namespace) -> None:
+    from .config import DistillConfig, load_config
+    from .recipes.distill import new_run_dir, run_distill
+
+    cfg = load_config(args.config, DistillConfig)
+    try:
+        run_distill(cfg, new_run_dir(DEFAULT_RUNS, args.out), resume=args.resume, overwrite=args.overwrite)
+    finally:
+        _end_distributed()
+
+
+def _cmd_cache_teacher(args: argparse.Namespace) -> None:
+    from .config import DistillConfig, load_config
+    from .recipes.distill import run_cache_teacher
+
+    cfg = load_config(args.config, DistillConfig)
+    run_cache_teacher(cfg, args.out, k=args.k, bits=args.bits, overwrite=args.overwrite)
+
+
+def _end_distributed() -> None:
+    """Under torchrun, leave the process group cleanly: gloo's teardown can abort an otherwise finished process
+    (see docs/scale-out.md), so every rank meets at a barrier, destroys the group and exits directly."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        code = 1 if sys.exc_info()[0] is not None else 0
+        if code == 0:
+            dist.barrier()
+            dist.destroy_process_group()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distillarena", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -66,6 +107,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     t.set_defaults(func=_cmd_teach)
 
+    tr = sub.add_parser("traces", help="sample a (defended) teacher on task prompts into a resumable JSON lines file")
+    tr.add_argument("config", nargs="?", type=Path, help="YAML config of a TracesConfig")
+    tr.add_argument("--out", type=Path, default=Path("traces.jsonl"), help="JSON lines file (appended; resumable)")
+    tr.set_defaults(func=_cmd_traces)
+
+    ds = sub.add_parser("distill", help="distill a teacher into a student; writes a run folder (resumable)")
+    ds.add_argument("config", nargs="?", type=Path, help="YAML config of a DistillConfig (examples/distill*.yaml)")
+    ds.add_argument("--out", type=Path, help="run folder (default: runs/distill-<time>)")
+    ds.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    ds.add_argument("--overwrite", action="store_true", help="start the run in an existing --out folder again")
+    ds.set_defaults(func=_cmd_distill)
+
+    ct = sub.add_parser("cache-teacher", help="run the teacher once over the data and store its top-k log-probs")
+    ct.add_argument("config", nargs="?", type=Path, help="YAML config of a DistillConfig (its teacher and data)")
+    ct.add_argument("--out", type=Path, required=True, help="cache folder to write")
+    ct.add_argument("--k", type=int, default=128, help="log-probs kept per position (default 128)")
+    ct.add_argument("--bits", type=int, default=8, choices=[8, 16], help="log-prob quantization (default 8)")
+    ct.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ct.set_defaults(func=_cmd_cache_teacher)
+
     e = sub.add_parser("evaluate", help="accuracy of a model folder on the built-in task")
     e.add_argument("model", help="save_pretrained folder or cached hub id")
     e.add_argument("--split", default="test", choices=["train", "holdout", "test"])
@@ -73,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=200)
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=_cmd_evaluate)
+    from .serve.cli import add_serve_commands
+
+    add_serve_commands(sub)
     return p
 
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .tasks.arithmetic import ArithmeticConfig
 
 
 class Strict(BaseModel):
@@ -19,12 +20,14 @@ class Strict(BaseModel):
 
 
 class TaskConfig(Strict):
-    """The built-in arithmetic task."""
+    """The built-in arithmetic task (defaults: every number two digits wide; see ``ArithmeticConfig``)."""
 
     n_ops: list[int] = Field(default_factory=lambda: [1, 2, 3], description="difficulties trained on")
-    add_max: int = Field(50, ge=1, le=999)
+    add_min: int = Field(10, ge=0)
+    add_max: int = Field(60, ge=1, le=999)
     mul_max: int = Field(9, ge=2, le=99)
-    max_value: int = Field(999, ge=10)
+    min_value: int = Field(10, ge=0)
+    max_value: int = Field(99, ge=10)
     word_fraction: float = Field(0.0, ge=0.0, le=1.0)
 
     @field_validator("n_ops")
@@ -33,6 +36,17 @@ class TaskConfig(Strict):
         if not v or any(not 1 <= k <= 4 for k in v):
             raise ValueError("each number of operations must be between 1 and 4, and the list non-empty")
         return v
+
+    @model_validator(mode="after")
+    def _ranges(self) -> TaskConfig:
+        if self.add_min > self.add_max or self.min_value > self.max_value:
+            raise ValueError("add_min must be <= add_max and min_value <= max_value")
+        return self
+
+    def arithmetic(self) -> ArithmeticConfig:
+        return ArithmeticConfig(add_min=self.add_min, add_max=self.add_max, mul_max=self.mul_max,
+                                min_value=self.min_value, max_value=self.max_value,
+                                word_fraction=self.word_fraction)
 
 
 class TrainConfig(Strict):
@@ -110,3 +124,235 @@ def format_validation_error(e: ValidationError) -> str:
 
 def dump_config(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# --- distillation (``distillarena distill`` / ``distillarena cache-teacher``) ---------------------------------
+
+ObjectiveParam = float | int | bool
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class TeacherSource(Strict):
+    """Where the teacher's signal comes from. One of ``teach`` (the built-in teacher, trained once and cached;
+    the default), ``path`` (any ``save_pretrained`` folder or cached hub id) or ``text: true`` (the data's
+    completions are the teacher's text: SFT / sequence KD only). ``cache`` (a top-k cache written by
+    ``distillarena cache-teacher``) replaces the live teacher in training; given together with ``path`` or
+    ``teach``, that model is used only to check the cache's identity and for the held-out KL."""
+
+    teach: TeacherConfig | None = None
+    path: str | None = None
+    cache: str | None = None
+    text: bool = False
+    dtype: Dtype = Field("float32", description="the live teacher's dtype")
+    device: str | None = Field(None, description="the live teacher's device (default: the student's)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherSource:
+        given = [n for n, v in (("teach", self.teach), ("path", self.path), ("text", self.text or None)) if v]
+        if len(given) > 1:
+            raise ValueError(f"give only one of teach, path, text (got {', '.join(given)})")
+        if self.text and self.cache:
+            raise ValueError("a text-only teacher has no top-k cache; remove cache or text")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """'text', 'topk' (a cache) or 'model' (a live model)."""
+        return "text" if self.text else "topk" if self.cache else "model"
+
+    def builtin_teacher(self) -> TeacherConfig | None:
+        """The built-in teacher to train or reuse, if no other model is named."""
+        if self.teach is not None:
+            return self.teach
+        if self.path is None and not self.text and self.cache is None:
+            return TeacherConfig()
+        return None
+
+
+class LoraSettings(Strict):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class FromTeacher(Strict):
+    keep_every: int = Field(2, ge=1, description="keep layers 0, k, 2k, ... of the teacher")
+
+
+class StudentConfig(Strict):
+    """The student: a preset from scratch (default), a pretrained ``path``, or ``from_teacher`` (a copy of the
+    teacher keeping every k-th layer); optionally with LoRA adapters (``lora``)."""
+
+    preset: str = "small"
+    path: str | None = None
+    from_teacher: FromTeacher | None = None
+    tokenizer: str | None = Field(None, description="tokenizer of a preset student (default: the teacher's)")
+    seed: int = 0
+    lora: LoraSettings | None = None
+
+    @model_validator(mode="after")
+    def _one_init(self) -> StudentConfig:
+        given = [n for n in ("path", "from_teacher") if getattr(self, n) is not None]
+        if "preset" in self.model_fields_set:
+            given.append("preset")
+        if len(given) > 1:
+            raise ValueError(f"give only one of preset, path, from_teacher (got {', '.join(given)})")
+        return self
+
+    @property
+    def init(self) -> str:
+        return "path" if self.path else "from_teacher" if self.from_teacher else "preset"
+
+
+class DataConfig(Strict):
+    """Training data: the built-in task (``source: builtin``) or user data (JSON lines, JSON, parquet, a
+    ``save_to_disk`` folder or a cached dataset id) with prompt/completion or chat messages (optional weight)."""
+
+    source: str = "builtin"
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    train_size: int = Field(4096, ge=1, description="examples in the (finite, reshuffled every epoch) pool")
+    eval_source: str | None = Field(None, description="held-out user data (default: the tail of source)")
+    max_length: int | None = Field(None, ge=2, description="longest sequence (default: the models' context)")
+
+
+class DistillEvalConfig(Strict):
+    """Held-out evaluation, every ``train.eval_every`` steps and at the end."""
+
+    n_examples: int = Field(64, ge=0, description="held-out sequences for the teacher-forced KL and entropies")
+    n_problems: int = Field(100, ge=0, description="held-out problems for task accuracy (built-in task only)")
+    difficulties: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    max_new_tokens: int = Field(64, ge=1)
+
+
+class CheckpointConfig(Strict):
+    every: int = Field(50, ge=0, description="steps between checkpoints (0: only the last step)")
+    keep: int = Field(2, ge=0, description="newest checkpoints kept (0: all)")
+
+
+class LoggingConfig(Strict):
+    tensorboard: bool | None = Field(None, description="None: when the tensorboard package is installed")
+    wandb: bool = False
+
+
+class StageConfig(Strict):
+    """One stage of a schedule; unset fields inherit the top-level value."""
+
+    steps: int = Field(ge=1)
+    objective: str | None = None
+    objective_params: dict[str, ObjectiveParam] | None = None
+    beta: float | None = Field(None, ge=0, le=1)
+    lmbda: float | None = Field(None, ge=0, le=1)
+    seq_kd: bool | None = None
+
+
+class DistillTrainConfig(TrainConfig):
+    """The loop's settings for distillation. The *global* batch is ``batch_size x grad_accum`` sequences, whatever
+    the number of processes: under N processes each runs ``grad_accum / N`` micro-batches per step."""
+
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1, description="sequences per micro-batch")
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(50, ge=0, description="held-out evaluation every N steps (0: only at the end)")
+
+
+class DistillConfig(Strict):
+    """``distillarena distill``. Names follow TRL's GKDConfig where they overlap: ``lmbda`` (probability that a
+    micro-batch is replaced by student samples, on-policy), ``seq_kd`` (completions generated by the teacher),
+    ``beta`` (generalized JSD interpolation), ``temperature`` (the *sampling* temperature of on-policy and
+    seq_kd generations, as in TRL), ``max_new_tokens``. ``loss_temperature`` divides both models' logits in the
+    loss. The HPD regime is ``objective: hpd`` on off-policy data (one student sample per position, no
+    rollout). ``stages`` runs a schedule (e.g. HPD, then on-policy) in one run and one loop."""
+
+    teacher: TeacherSource = Field(default_factory=TeacherSource)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    objective: str = "hpd"
+    objective_params: dict[str, ObjectiveParam] = Field(default_factory=dict)
+    beta: float = Field(0.5, ge=0, le=1, description="generalized JSD beta (objectives that take one)")
+    lmbda: float = Field(0.0, ge=0, le=1, description="probability of an on-policy micro-batch")
+    seq_kd: bool = False
+    temperature: float = Field(1.0, ge=0, description="sampling temperature of generations (0: greedy)")
+    loss_temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(64, ge=1)
+    align_vocab: bool = Field(False, description="allow a padded vocabulary (same tokenizer, more rows)")
+    stages: list[StageConfig] = Field(default_factory=list)
+    train: DistillTrainConfig = Field(default_factory=DistillTrainConfig)
+    eval: DistillEvalConfig = Field(default_factory=DistillEvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _steps_agree(self) -> DistillConfig:
+        if self.stages and "steps" in self.train.model_fields_set:
+            total = sum(s.steps for s in self.stages)
+            if total != self.train.steps:
+                raise ValueError(f"train.steps ({self.train.steps}) differs from the sum of the stages' steps "
+                                 f"({total}); leave train.steps out when stages are given")
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages) if self.stages else self.train.steps
+
+
+# --- defended decoding (``distillarena traces``) ---------------------------------------------------------------
+
+DefenseKind = Literal["none", "temperature", "truncation", "poe", "antidistillation"]
+
+
+class ModelRef(Strict):
+    """A model: a ``save_pretrained`` folder (``path``) or a preset trained on the built-in task (``teach``)."""
+
+    path: str | None = None
+    teach: TeacherConfig | None = None
+
+    @model_validator(mode="after")
+    def _at_most_one(self) -> ModelRef:
+        if self.path is not None and self.teach is not None:
+            raise ValueError("give path or teach, not both")
+        return self
+
+
+def default_proxy() -> ModelRef:
+    """The proxy student of PoE and antidistillation: the tiny preset trained briefly on the built-in task."""
+    return ModelRef(teach=TeacherConfig(preset="tiny", train=TrainConfig(steps=300, lr=3e-3)))
+
+
+class DefenseConfig(Strict):
+    """One defense at one strength (see ``distillarena.defenses.policy`` for what each kind samples)."""
+
+    kind: DefenseKind = "none"
+    params: dict[str, float | int | str] = Field(default_factory=dict,
+                                                 description="temperature, top_k, top_p, gamma, lam, method, eps")
+    proxy: ModelRef = Field(default_factory=default_proxy, description="used by poe and antidistillation")
+    holdout_traces: int = Field(256, ge=1, description="holdout problems for the antidistillation gradient")
+
+
+class RevealConfig(Strict):
+    """What the traces keep of the teacher's distribution, as an API would reveal it."""
+
+    top_k: int | None = Field(None, ge=1, le=20)
+    decimals: int | None = Field(None, ge=0)
+    noise_std: float = Field(0.0, ge=0)
+
+
+class PromptsConfig(Strict):
+    split: Literal["train", "holdout", "test"] = "train"
+    n: int = Field(256, ge=1)
+    n_ops: list[int] = Field(default_factory=lambda: [1, 2, 3, 4])
+    seed: int = 0
+
+
+class TracesConfig(Strict):
+    """``distillarena traces``: sample a (defended) teacher on task prompts into a resumable JSON lines file."""
+
+    teacher: ModelRef = Field(default_factory=lambda: ModelRef(teach=TeacherConfig()))
+    defense: DefenseConfig = Field(default_factory=DefenseConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    reveal: RevealConfig = Field(default_factory=RevealConfig)
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0

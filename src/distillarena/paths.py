@@ -101,3 +101,17 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
                 break
             raise
     return out
+
+
+def repair_jsonl(path: Path) -> int:
+    """Cut a torn last line (a crash mid-write) so that appending continues a valid file; return bytes cut."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep == len(data):
+        return 0
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+    return len(data) - keep

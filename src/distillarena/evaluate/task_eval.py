@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from ..decoding import SampleResult, sample
 from ..tasks.arithmetic import Problem, check_answer, step_validity
 from ..tasks.data import collate, encode_example, problem_example
 
@@ -18,37 +21,56 @@ class TaskEval:
     n: int
     by_difficulty: dict[int, dict[str, float]] = field(default_factory=dict)
     samples: list[dict] = field(default_factory=list)
+    kl_to_undefended: float = 0.0
+    tokens_per_s: float = 0.0
 
     def as_dict(self) -> dict:
         return {"accuracy": self.accuracy, "step_validity": self.step_validity, "n": self.n,
+                "kl_to_undefended": self.kl_to_undefended, "tokens_per_s": self.tokens_per_s,
                 "by_difficulty": {str(k): v for k, v in self.by_difficulty.items()}}
 
 
+SampleFn = Callable[[torch.Tensor, torch.Tensor], SampleResult]
+
+
 @torch.no_grad()
-def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
-                         batch_size: int = 64) -> list[str]:
-    """Greedy completions, batched with left padding, cut at EOS."""
+def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 64,
+                         sample_fn: SampleFn | None = None) -> tuple[list[str], list[SampleResult]]:
+    """Completions of ``prompts`` (greedy unless ``sample_fn`` decodes otherwise), batched with left padding and
+    cut at EOS, with the sampler's results (per-token log-probs and KL to the undefended model)."""
     model.eval()
-    out: list[str] = []
+    if sample_fn is None:
+        def sample_fn(ids: torch.Tensor, mask: torch.Tensor) -> SampleResult:
+            return sample(model, ids, mask, max_new_tokens=max_new_tokens, temperature=0.0,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    texts: list[str] = []
+    results: list[SampleResult] = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
-            gen = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            )
-            new = gen[:, enc["input_ids"].shape[1]:]
-            out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            res = sample_fn(enc["input_ids"], enc["attention_mask"])
+            texts.extend(res.texts(tokenizer))
+            results.append(res)
     finally:
         tokenizer.padding_side = side
-    return out
+    return texts, results
 
 
 def evaluate_problems(model, tokenizer, problems: list[Problem], max_new_tokens: int = 64,
-                      n_samples_kept: int = 8) -> TaskEval:
-    completions = generate_completions(model, tokenizer, [p.prompt for p in problems], max_new_tokens)
+                      n_samples_kept: int = 8, sample_fn: SampleFn | None = None) -> TaskEval:
+    """Final-answer accuracy and step validity by difficulty; greedy unless ``sample_fn`` says otherwise.
+
+    With a ``sample_fn`` that decodes a defended teacher this is the teacher's *utility*; ``kl_to_undefended`` is
+    then the mean per-token KL(defended || undefended) on the defended teacher's own samples.
+    """
+    t0 = time.perf_counter()
+    completions, results = generate_completions(model, tokenizer, [p.prompt for p in problems], max_new_tokens,
+                                                sample_fn=sample_fn)
+    seconds = time.perf_counter() - t0
+    n_tokens = sum(r.num_tokens for r in results)
+    kl = sum(float(r.kl.sum()) for r in results) / max(n_tokens, 1)
     per: dict[int, list[tuple[bool, float]]] = defaultdict(list)
     for p, c in zip(problems, completions, strict=True):
         per[p.n_ops].append((check_answer(p, c), step_validity(c)))
@@ -60,7 +82,8 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], max_new_tokens:
     return TaskEval(
         accuracy=sum(a for a, _ in allr) / len(allr),
         step_validity=sum(s for _, s in allr) / len(allr),
-        n=len(allr), by_difficulty=by, samples=samples,
+        n=len(allr), by_difficulty=by, samples=samples, kl_to_undefended=kl,
+        tokens_per_s=n_tokens / max(seconds, 1e-9),
     )
 
 

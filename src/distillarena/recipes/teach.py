@@ -42,9 +42,7 @@ class TeacherResult:
 
 
 def task_config(cfg: TeacherConfig) -> ArithmeticConfig:
-    t = cfg.task
-    return ArithmeticConfig(add_max=t.add_max, mul_max=t.mul_max, max_value=t.max_value,
-                            word_fraction=t.word_fraction)
+    return cfg.task.arithmetic()
 
 
 def tokenizer_id() -> str:

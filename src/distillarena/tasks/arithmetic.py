@@ -181,12 +181,25 @@ def split_of(expression: str) -> str:
 
 @dataclass(frozen=True)
 class ArithmeticConfig:
-    """Number ranges of the generator. Defaults keep every number at most 3 digits."""
+    """Number ranges of the generator.
 
-    add_max: int = 50  # leaves (operands of + and -) are drawn from [0, add_max]
+    The defaults make every number two digits wide (leaves, intermediate values and answers in [10, 99]; only
+    multipliers are single digits), so a tiny model learns the task in minutes: with fixed widths, the digit a
+    result depends on sits at a fixed distance, and no model has to learn place-value alignment first.
+    Widen the ranges for a harder world.
+    """
+
+    add_min: int = 10  # leaves (operands of + and -) are drawn from [add_min, add_max]
+    add_max: int = 60
     mul_max: int = 9  # one operand of every * is a leaf drawn from [2, mul_max]
-    max_value: int = 999  # every intermediate value stays in [0, max_value]: at most 3 digits
+    min_value: int = 10  # every intermediate value stays in [min_value, max_value]
+    max_value: int = 99
     word_fraction: float = 0.0  # share of problems rendered as verbal expressions
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.add_min <= self.add_max or not 0 <= self.min_value <= self.max_value or self.mul_max < 2:
+            raise UserError(f"invalid arithmetic ranges {self}: need 0 <= add_min <= add_max, "
+                            "0 <= min_value <= max_value and mul_max >= 2")
 
 
 @dataclass
@@ -197,7 +210,7 @@ class ArithmeticTask:
 
     def _random_tree(self, rng: random.Random, n_ops: int) -> Node:
         if n_ops == 0:
-            return Node(value=rng.randint(0, self.config.add_max))
+            return Node(value=rng.randint(self.config.add_min, self.config.add_max))
         rest = n_ops - 1
         # Favour balanced shapes: they have independent sub-expressions, hence several step orders.
         n_left = rng.choice((rest // 2, rest - rest // 2)) if rng.random() < 0.7 else rng.randint(0, rest)
@@ -215,7 +228,7 @@ class ArithmeticTask:
     def _valid(self, tree: Node) -> bool:
         for n in _operation_nodes(tree):
             v = n.evaluate()
-            if v < 0 or v > self.config.max_value:
+            if v < self.config.min_value or v > self.config.max_value:
                 return False
         return True
 

@@ -1,0 +1,126 @@
+"""``distillarena traces``: sample a (defended) teacher on task prompts into a resumable JSON lines file.
+
+Batches are fixed by position in the prompt list and each is sampled with its own generator seeded from
+``(seed, batch index)``, so a run resumed after a crash writes exactly the traces an uninterrupted run would
+have written, and never writes one twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from ..config import DefenseConfig, ModelRef, TeacherConfig, TracesConfig
+from ..defenses.antidistillation import compute_proxy_gradient, load_proxy_gradient
+from ..defenses.policy import DecodingPolicy, build_policy
+from ..defenses.proxy import model_fingerprint
+from ..defenses.reveal import RevealTopK
+from ..models.presets import load_model, load_tokenizer
+from ..paths import JsonlWriter, cache_dir, read_jsonl, repair_jsonl
+from ..tasks.arithmetic import ArithmeticTask, check_answer, step_validity
+from ..tasks.data import collate, encode_example, problem_example
+from .teach import task_config, teach
+
+
+def resolve_model(ref: ModelRef, console: Console) -> tuple[torch.nn.Module, Any, Path]:
+    """Load the model a :class:`ModelRef` names, training (or reusing) the built-in preset if needed."""
+    if ref.path is not None:
+        return load_model(ref.path), load_tokenizer(ref.path), Path(ref.path)
+    result = teach(ref.teach or TeacherConfig(), console=console)
+    return load_model(str(result.path)), load_tokenizer(str(result.path)), result.path
+
+
+def holdout_gradient(proxy: torch.nn.Module, tokenizer, n_traces: int, task: ArithmeticTask, console: Console):
+    """The proxy's holdout-loss gradient for antidistillation sampling, computed once and cached on disk."""
+    problems = task.problems("holdout", n_traces, [1, 2, 3, 4], seed=0)
+    data_key = hashlib.sha256("\n".join(p.expression for p in problems).encode()).hexdigest()[:12]
+    path = cache_dir() / "proxy_gradients" / f"{model_fingerprint(proxy)[:16]}-{data_key}.safetensors"
+    if path.exists():
+        return load_proxy_gradient(path, proxy, tokenizer=tokenizer)
+    console.print(f"computing the proxy's holdout gradient on {n_traces} traces (cached at {path})")
+    enc = [encode_example(tokenizer, problem_example(p)) for p in problems]
+    batches = [collate(enc[i : i + 64], tokenizer.pad_token_id) for i in range(0, len(enc), 64)]
+    return compute_proxy_gradient(proxy, batches, path=path, tokenizer=tokenizer)
+
+
+def build_defense(cfg: DefenseConfig, teacher: torch.nn.Module, tokenizer, task: ArithmeticTask,
+                  console: Console) -> DecodingPolicy:
+    proxy = proxy_tok = gradient = None
+    if cfg.kind in ("poe", "antidistillation"):
+        proxy, proxy_tok, _ = resolve_model(cfg.proxy, console)
+        if cfg.kind == "antidistillation":
+            gradient = holdout_gradient(proxy, proxy_tok, cfg.holdout_traces, task, console)
+    return build_policy(cfg.kind, cfg.params, teacher=teacher, tokenizer=tokenizer, proxy=proxy,
+                        proxy_tokenizer=proxy_tok, gradient=gradient)
+
+
+def run_traces(cfg: TracesConfig, out: Path, console: Console | None = None) -> dict[str, Any]:
+    console = console or Console()
+    out = Path(out)
+    teacher, tok, teacher_path = resolve_model(cfg.teacher, console)
+    teacher_task_cfg = cfg.teacher.teach or TeacherConfig()
+    task = ArithmeticTask(task_config(teacher_task_cfg))
+    policy = build_defense(cfg.defense, teacher, tok, task, console)
+    reveal = RevealTopK(cfg.reveal.top_k, decimals=cfg.reveal.decimals, noise_std=cfg.reveal.noise_std,
+                        seed=cfg.seed) if cfg.reveal.top_k else None
+    problems = task.problems(cfg.prompts.split, cfg.prompts.n, cfg.prompts.n_ops, seed=cfg.prompts.seed)
+
+    repair_jsonl(out)
+    done = {r["index"] for r in read_jsonl(out)} if out.exists() else set()
+    if done:
+        console.print(f"resuming: {len(done)} of {len(problems)} traces already in {out}")
+    tok.padding_side = "left"
+    n_new = n_tokens = 0
+    t0 = time.perf_counter()
+    with JsonlWriter(out) as writer:
+        for b, start in enumerate(range(0, len(problems), cfg.batch_size)):
+            idx = list(range(start, min(start + cfg.batch_size, len(problems))))
+            if all(i in done for i in idx):
+                continue
+            enc = tok([problems[i].prompt for i in idx], return_tensors="pt", padding=True)
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + b)
+            res = policy.sample(teacher, enc["input_ids"], enc["attention_mask"],
+                                max_new_tokens=cfg.max_new_tokens, generator=gen, reveal=reveal,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            texts = res.texts(tok)
+            for row, i in enumerate(idx):
+                if i in done:
+                    continue
+                n = int(res.lengths[row])
+                p = problems[i]
+                rec = {
+                    "index": i, "prompt": p.prompt, "completion": texts[row], "answer": p.answer,
+                    "n_ops": p.n_ops, "correct": check_answer(p, texts[row]),
+                    "step_validity": step_validity(texts[row]),
+                    "tokens": res.tokens[row, :n].tolist(),
+                    "logprobs": res.logprobs[row, :n].tolist(),
+                    "teacher_logprobs": res.teacher_logprobs[row, :n].tolist(),
+                    "kl_to_undefended": float(res.kl[row, :n].sum()) / max(n, 1),
+                    "defense": policy.kind, "params": policy.params, "seed": cfg.seed, "batch": b,
+                    "teacher": str(teacher_path),
+                }
+                if res.top_ids is not None:
+                    rec["top_ids"] = res.top_ids[row, :n].tolist()
+                    top = res.top_logprobs[row, :n].tolist()
+                    if cfg.reveal.decimals is not None:  # float32 -> float64 would show 1.2300000190734863
+                        top = [[round(v, cfg.reveal.decimals) for v in r] for r in top]
+                    rec["top_logprobs"] = top
+                writer.write(rec)
+                n_new += 1
+                n_tokens += n
+    seconds = time.perf_counter() - t0
+    records = read_jsonl(out)
+    summary = {
+        "traces": len(records), "new": n_new, "defense": policy.label,
+        "accuracy": sum(r["correct"] for r in records) / max(len(records), 1),
+        "kl_to_undefended": sum(r["kl_to_undefended"] for r in records) / max(len(records), 1),
+        "tokens_per_s": n_tokens / seconds if n_new else None,
+    }
+    console.print(f"[green]{len(records)} traces[/] in {out} ({n_new} new): defense {policy.label}, "
+                  f"accuracy {summary['accuracy']:.1%}, mean KL to undefended {summary['kl_to_undefended']:.3f}")
+    return summary

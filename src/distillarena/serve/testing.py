@@ -1,0 +1,71 @@
+"""Helpers to run a real server on a small model: for tests, benchmarks and the game playing over HTTP.
+
+``running_server`` starts uvicorn on 127.0.0.1 and a free port, over a model folder, and stops it at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from distillarena.serve.config import ServeConfig
+from distillarena.serve.engine import Engine
+from distillarena.serve.server import ServerThread
+from distillarena.serve.store import Store
+
+FAST_KDF = "scrypt:1024:8:1"  # cheap key hashing for tests (the default is scrypt n=2**14)
+
+
+def save_tiny_model(path: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
+    """A freshly initialised preset with the built-in tokenizer, saved as a plain Hugging Face folder."""
+    from distillarena.models.presets import build_preset
+    from distillarena.models.tokenizer import task_tokenizer
+
+    path = Path(path)
+    tok = task_tokenizer()
+    build_preset(preset, tok, seed=seed).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@dataclass
+class RunningServer:
+    thread: ServerThread
+    engine: Engine
+    store: Store
+    config: ServeConfig
+
+    @property
+    def base_url(self) -> str:
+        return self.thread.base_url
+
+    @property
+    def url(self) -> str:
+        return self.thread.url
+
+    @property
+    def model(self) -> str:
+        return self.engine.model_name
+
+
+@contextlib.contextmanager
+def running_server(config: ServeConfig, *, kdf: str | None = FAST_KDF) -> Iterator[RunningServer]:
+    """Load ``config``'s model, open its store and serve on 127.0.0.1 (``config.port``, 0: a free port)."""
+    from distillarena.serve.app import create_app
+
+    engine = Engine.from_config(config)
+    store = Store(config.store_path(), synchronous=config.synchronous, kdf=kdf)
+    app = create_app(engine, store, config)
+    thread = ServerThread(app, host=config.host, port=config.port)
+    thread.start()
+    try:
+        yield RunningServer(thread, engine, store, config)
+    finally:
+        thread.stop()
+        engine.close()
+        store.close()
+
+
+__all__ = ["FAST_KDF", "RunningServer", "running_server", "save_tiny_model"]
