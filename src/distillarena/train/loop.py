@@ -5,6 +5,16 @@ A job supplies a stream of micro-batches and a ``loss_fn(model, batch) -> loss_s
 optimizer step on every process first, then backpropagates ``loss_sum / global_count``, so gradient
 accumulation and data parallelism give exactly the update of one big batch, however unevenly the valid
 tokens are spread over micro-batches and ranks.
+
+Optional pieces, all used by distillation:
+
+* ``prepare(model, batch) -> batch`` runs on every micro-batch of a step *before* the tokens are counted, with
+  the current weights: on-policy sampling replaces a batch's completions here.
+* Checkpoints (``checkpoint_dir`` and ``LoopConfig.checkpoint_every``) hold the model, optimizer, scheduler,
+  step, data position and RNG states; ``resume=True`` continues from the latest one, so that an interrupted
+  run ends with the same weights as an uninterrupted one. The data position is restored by calling
+  ``micro_batches.seek(n)`` (``n`` micro-batches of this process already consumed) when the stream has that
+  method, otherwise by drawing and dropping ``n`` micro-batches.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,8 +32,10 @@ from accelerate import Accelerator
 from transformers import get_cosine_schedule_with_warmup
 
 from ..tasks.data import IGNORE_INDEX
+from . import checkpoint as ckpt
 
-LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+LossFn = Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor]
+PrepareFn = Callable[[torch.nn.Module, dict[str, Any]], dict[str, Any]]
 
 
 @dataclass
@@ -37,6 +50,8 @@ class LoopConfig:
     log_every: int = 25
     eval_every: int = 0  # 0: only at the end
     optimizer: str = "adamw"  # or "sgd" (plain steps: handy to compare updates exactly)
+    checkpoint_every: int = 0  # 0: no checkpoints (with a checkpoint_dir, the last step is always saved)
+    keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -65,7 +80,7 @@ class StepLog:
 
 def train(
     model: torch.nn.Module,
-    micro_batches: Iterator[dict[str, torch.Tensor]],
+    micro_batches: Iterator[dict[str, Any]],
     loss_fn: LossFn,
     config: LoopConfig,
     *,
@@ -73,10 +88,17 @@ def train(
     on_log: Callable[[StepLog], None] | None = None,
     on_eval: Callable[[int], dict[str, Any]] | None = None,
     progress: Any | None = None,
+    prepare: PrepareFn | None = None,
+    checkpoint_dir: Path | str | None = None,
+    resume: bool = False,
+    on_checkpoint: Callable[[int, Path], None] | None = None,
 ) -> torch.nn.Module:
     """Train ``model`` for ``config.steps`` optimizer steps and return the unwrapped model.
 
-    ``progress`` is an optional ``rich.progress.Progress``; a task on it advances per step.
+    ``progress`` is an optional ``rich.progress.Progress``; a task on it advances per step. ``prepare`` is
+    applied to every micro-batch before counting (see the module docstring). With ``checkpoint_dir``, a
+    checkpoint is written every ``config.checkpoint_every`` steps and at the last step (by the main process);
+    ``resume=True`` restores the latest one found there (none: start from step 0).
     """
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     decay, no_decay = [], []
@@ -91,19 +113,45 @@ def train(
     else:
         raise ValueError(f"unknown optimizer {config.optimizer!r}; expected 'adamw' or 'sgd'")
     scheduler = _cosine_with_floor(optimizer, config)
+
+    start_step, tokens_total, elapsed_before = 0, 0, 0.0
+    ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt_root is not None and accelerator.is_main_process:
+        ckpt.remove_partial(ckpt_root)
+    if resume and ckpt_root is not None and (found := ckpt.latest_checkpoint(ckpt_root)) is not None:
+        saved = ckpt.load_checkpoint(found)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+        start_step = int(state["step"])
+        tokens_total = int(state.get("tokens", 0))
+        elapsed_before = float(state.get("elapsed_s", 0.0))
+        rngs = saved["rng"]
+        ckpt.set_rng_state(rngs[accelerator.process_index] if accelerator.process_index < len(rngs) else rngs[0])
+        consumed = start_step * config.grad_accum
+        if hasattr(micro_batches, "seek"):
+            micro_batches.seek(consumed)
+        else:
+            for _ in range(consumed):
+                next(micro_batches)
+
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     world = accelerator.num_processes
-    task = progress.add_task("training", total=config.steps) if progress is not None else None
-    t0 = time.perf_counter()
-    tokens_total = 0
-    for step in range(1, config.steps + 1):
+    task = None
+    if progress is not None:
+        task = progress.add_task("training", total=config.steps, completed=start_step)
+    t0 = time.perf_counter() - elapsed_before
+    for step in range(start_step + 1, config.steps + 1):
         group = [next(micro_batches) for _ in range(config.grad_accum)]
+        if prepare is not None:
+            group = [prepare(model, b) for b in group]
         local = sum(count_targets(b) for b in group)
         global_count = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
         step_loss = torch.zeros((), device=accelerator.device)
         for i, batch in enumerate(group):
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             last = i == len(group) - 1
             ctx = accelerator.no_sync(model) if not last else contextlib.nullcontext()
             with ctx:
@@ -119,19 +167,46 @@ def train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_total += global_count
+        ckpt.maybe_crash("step", step)
         if task is not None:
             progress.advance(task)
         if on_log and (step % config.log_every == 0 or step == config.steps):
             mean_loss = float(accelerator.reduce(step_loss, "sum")) / max(global_count, 1)
             elapsed = time.perf_counter() - t0
             on_log(StepLog(step, mean_loss, scheduler.get_last_lr()[0], tokens_total,
-                           tokens_total / elapsed, elapsed))
+                           tokens_total / max(elapsed, 1e-9), elapsed))
         if on_eval and config.eval_every and step % config.eval_every == 0 and step != config.steps:
             model.eval()
             on_eval(step)
             model.train()
+        if ckpt_root is not None and ((config.checkpoint_every and step % config.checkpoint_every == 0)
+                                      or step == config.steps):
+            path = _save(ckpt_root, step, accelerator, model, optimizer, scheduler, config,
+                         {"tokens": tokens_total, "elapsed_s": time.perf_counter() - t0,
+                          "micro_batches_consumed": step * config.grad_accum, "world_size": world})
+            if on_checkpoint is not None and path is not None:
+                on_checkpoint(step, path)
     model.eval()
     return accelerator.unwrap_model(model)
+
+
+def _save(root: Path, step: int, accelerator: Accelerator, model, optimizer, scheduler, config: LoopConfig,
+          state: dict[str, Any]) -> Path | None:
+    """Every process contributes its RNG state; the main process writes; all wait until it is in place."""
+    rngs = [ckpt.rng_state()]
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        rngs = [None] * accelerator.num_processes
+        dist.all_gather_object(rngs, ckpt.rng_state())
+    path = None
+    model_state = accelerator.get_state_dict(model)  # a collective under FSDP / DeepSpeed: every process calls it
+    if accelerator.is_main_process:
+        path = ckpt.save_checkpoint(
+            root, step, model_state=model_state, optimizer_state=optimizer.state_dict(),
+            scheduler_state=scheduler.state_dict(), rng_states=rngs, state=state, keep=config.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return path
 
 
 def _cosine_with_floor(optimizer: torch.optim.Optimizer, config: LoopConfig):

@@ -1,0 +1,32 @@
+"""Teacher access: every kind of teacher produces the :class:`~distillarena.objectives.TeacherSignal` the objectives
+take, for the same (shifted) positions as the student's logits.
+
+* :class:`LocalTeacher`: a model in memory (eval mode, no gradient, its own dtype and device); dense, fused signal.
+* :class:`TopKCache`: the teacher's top-k log-probs (+ tail mass) stored once on disk (:func:`build_topk_cache`,
+  ``distillarena cache-teacher``), so the teacher never sits in training memory.
+* :class:`TextTeacher`: text only (the data's completions); SFT / sequence KD, optionally with per-example weights.
+
+(The API teacher lives in ``teachers.api_client`` and is not imported here.)
+"""
+
+from .compat import PROBE, check_tokenizers, context_length, model_fingerprint, tokenizer_fingerprint
+from .local import LocalTeacher, TextTeacher, final_hidden, output_head
+from .topk_cache import CacheStats, TopKCache, TopKCodec, build_topk_cache, cached_kl, topk_token_logprobs
+
+__all__ = [
+    "PROBE",
+    "CacheStats",
+    "LocalTeacher",
+    "TextTeacher",
+    "TopKCache",
+    "TopKCodec",
+    "build_topk_cache",
+    "cached_kl",
+    "check_tokenizers",
+    "context_length",
+    "final_hidden",
+    "model_fingerprint",
+    "output_head",
+    "tokenizer_fingerprint",
+    "topk_token_logprobs",
+]
