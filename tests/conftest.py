@@ -10,9 +10,11 @@ torch.set_num_threads(2)
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
-    """Tests never read or write the user's cache; the session shares one temporary cache."""
+    """Tests never read or write the user's cache; the session shares one temporary cache, or the folder named by
+    DISTILLARENA_TEST_CACHE (slow tests that need the trained built-in teacher can reuse it across runs)."""
     old = os.environ.get("DISTILLARENA_CACHE")
-    os.environ["DISTILLARENA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    shared = os.environ.get("DISTILLARENA_TEST_CACHE")
+    os.environ["DISTILLARENA_CACHE"] = shared or str(tmp_path_factory.mktemp("cache"))
     yield
     if old is None:
         os.environ.pop("DISTILLARENA_CACHE", None)

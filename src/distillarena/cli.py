@@ -75,6 +75,26 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> None:
     run_cache_teacher(cfg, args.out, k=args.k, bits=args.bits, overwrite=args.overwrite)
 
 
+def _cmd_game(args: argparse.Namespace) -> None:
+    from .config import GameConfig, load_config
+    from .game.sweep import rebuild, run_game
+
+    if args.report_only:
+        from rich.console import Console
+
+        if args.out is None or not (args.out / "game.json").is_file():
+            raise UserError(f"--report-only needs --out, a game run folder (no game.json in {args.out})")
+        cfg = load_config(args.config or args.out / "config.yaml", GameConfig)  # default: the run's own config
+        rebuild(args.out, cfg, console=Console())
+        return
+    cfg = load_config(args.config, GameConfig)
+    if args.out is None:
+        from datetime import datetime
+
+        args.out = DEFAULT_RUNS / f"game-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_game(cfg, args.out)
+
+
 def _end_distributed() -> None:
     """Under torchrun, leave the process group cleanly: gloo's teardown can abort an otherwise finished process
     (see docs/scale-out.md), so every rank meets at a barrier, destroys the group and exits directly."""
@@ -126,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--bits", type=int, default=8, choices=[8, 16], help="log-prob quantization (default 8)")
     ct.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ct.set_defaults(func=_cmd_cache_teacher)
+
+    g = sub.add_parser("game", help="defenses x strengths x attackers x seeds; cached cells, resumable, report.html")
+    g.add_argument("config", nargs="?", type=Path, help="YAML config of a GameConfig (examples/game*.yaml)")
+    g.add_argument("--out", type=Path, help="run folder (default: runs/game-<time>); rerun into it to resume")
+    g.add_argument("--report-only", action="store_true",
+                   help="rebuild results and report.html from --out (with its own config.yaml by default)")
+    g.set_defaults(func=_cmd_game)
 
     e = sub.add_parser("evaluate", help="accuracy of a model folder on the built-in task")
     e.add_argument("model", help="save_pretrained folder or cached hub id")

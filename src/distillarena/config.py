@@ -50,10 +50,10 @@ class TaskConfig(Strict):
 
 
 class TrainConfig(Strict):
-    steps: int = Field(900, ge=1)
+    steps: int = Field(1200, ge=1)
     batch_size: int = Field(64, ge=1)
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(30, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.01, ge=0)
@@ -71,7 +71,9 @@ class TeacherConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     def cache_key(self, tokenizer_id: str) -> str:
-        blob = json.dumps({"teacher": self.model_dump(), "tokenizer": tokenizer_id}, sort_keys=True)
+        # how often we log or evaluate does not change the weights, so it does not change the key
+        fields = self.model_dump(exclude={"train": {"log_every", "eval_every"}})
+        blob = json.dumps({"teacher": fields, "tokenizer": tokenizer_id}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -356,3 +358,136 @@ class TracesConfig(Strict):
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(32, ge=1)
     seed: int = 0
+
+
+# --- the distillation game (``distillarena game``) ----------------------------------------------------------------
+
+
+def default_game_student() -> ModelRef:
+    """The attacker's student before it sees any trace: the small preset trained briefly on 1-operation problems
+    only, so that the teacher's multi-step traces have capability to add."""
+    return ModelRef(teach=TeacherConfig(preset="small", task=TaskConfig(n_ops=[1]),
+                                        train=TrainConfig(steps=200, lr=3e-3, eval_every=0)))
+
+
+class GameDefense(Strict):
+    """One defense kind swept over strengths (each a ``params`` dict of :class:`DefenseConfig`)."""
+
+    kind: DefenseKind = "none"
+    strengths: list[dict[str, float | int | str]] = Field(default_factory=lambda: [{}], min_length=1)
+    proxy: ModelRef = Field(default_factory=default_proxy, description="used by poe and antidistillation")
+    holdout_traces: int = Field(256, ge=1, description="holdout problems for the antidistillation gradient")
+
+    def at(self, params: dict[str, float | int | str]) -> DefenseConfig:
+        return DefenseConfig(kind=self.kind, params=dict(params), proxy=self.proxy,
+                             holdout_traces=self.holdout_traces)
+
+
+class AttackerConfig(Strict):
+    """The student's use of the traces. ``passive``: uniform weights. ``adaptive``: weights ``exp(beta * sign *
+    clip(z))`` from the finite-difference value of each trace (``z`` standardised, clipped to ``[-clip, clip]``,
+    weights normalised to mean 1; ``sign: 1`` upweights traces whose training lowers the student's holdout loss,
+    ``sign: -1`` reproduces the reference code). ``filter``: keep the ``keep`` fraction of highest value, uniform
+    weights. ``objective``: ``sft`` (weighted SFT on the text) or ``fkl`` (forward KL to the revealed top-k
+    log-probs, weighted the same way; needs ``reveal.top_k``)."""
+
+    name: str | None = None
+    kind: Literal["passive", "adaptive", "filter"] = "passive"
+    beta: float = Field(1.0, ge=0)
+    sign: Literal[1, -1] = 1
+    clip: float = Field(3.0, gt=0)
+    standardize: bool = True
+    eps: float = Field(1e-2, gt=0, description="finite-difference step along the unit holdout gradient")
+    keep: float = Field(0.5, gt=0, le=1, description="fraction kept by the filter")
+    objective: Literal["sft", "fkl"] = "sft"
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.kind == "passive":
+            base = "passive"
+        elif self.kind == "adaptive":
+            base = f"adaptive(beta={self.beta:g}{'' if self.sign == 1 else ', sign=-1'})"
+        else:
+            base = f"filter(keep={self.keep:g}{'' if self.sign == 1 else ', sign=-1'})"
+        return base if self.objective == "sft" else f"{base}+{self.objective}"
+
+
+class GamePrompts(Strict):
+    """The attacker's prompt pool: ``pool`` distinct train-split problems; it queries the first ``budget``."""
+
+    pool: int = Field(1024, ge=1)
+    n_ops: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    seed: int = 0
+
+
+class GameTrainConfig(Strict):
+    """The attacker's training run (the project's one loop), the same for every cell."""
+
+    steps: int = Field(150, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+
+
+class GameEvalConfig(Strict):
+    n_problems: int = Field(200, ge=1, description="test problems for student accuracy (greedy)")
+    difficulties: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    max_new_tokens: int = Field(64, ge=1)
+    entropy_problems: int = Field(64, ge=0, description="test problems for per-position entropies (0: none)")
+
+
+class OracleConfig(Strict):
+    """The oracle check of adaptive attackers: the actual holdout-loss change after one SGD step (``lr``) on each
+    of ``n_traces`` traces, rank-correlated with the cheap value (0: off)."""
+
+    n_traces: int = Field(32, ge=0)
+    lr: float = Field(0.05, gt=0)
+
+
+class GameConfig(Strict):
+    """``distillarena game``: defenses x strengths x attackers x seeds, one cached cell each."""
+
+    teacher: ModelRef = Field(default_factory=lambda: ModelRef(teach=TeacherConfig()))
+    student: ModelRef = Field(default_factory=default_game_student)
+    defenses: list[GameDefense] = Field(default_factory=lambda: [
+        GameDefense(kind="temperature", strengths=[{"temperature": 1.5}, {"temperature": 2.0}]),
+        GameDefense(kind="poe", strengths=[{"gamma": 0.4}, {"gamma": 0.7}]),
+    ], min_length=1)
+    attackers: list[AttackerConfig] = Field(default_factory=lambda: [
+        AttackerConfig(kind="passive"), AttackerConfig(kind="adaptive", beta=1.0)], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    budget: int = Field(256, ge=1, description="teacher queries (traces) per cell")
+    prompts: GamePrompts = Field(default_factory=GamePrompts)
+    holdout: int = Field(128, ge=1, description="the attacker's clean holdout examples (reference solutions)")
+    reveal: RevealConfig = Field(default_factory=RevealConfig)
+    answer_forcing: bool = Field(False, description="the undefended teacher completes a missing Answer line "
+                                                    "(flatters the defense; as in the reference code)")
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="teacher sampling batch")
+    train: GameTrainConfig = Field(default_factory=GameTrainConfig)
+    eval: GameEvalConfig = Field(default_factory=GameEvalConfig)
+    oracle: OracleConfig = Field(default_factory=OracleConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GameConfig:
+        if self.budget > self.prompts.pool:
+            raise ValueError(f"budget ({self.budget} queries) is larger than the prompt pool "
+                             f"(prompts.pool = {self.prompts.pool}); raise the pool or lower the budget")
+        labels = [a.label for a in self.attackers]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"attackers {', '.join(dup)} appear twice; give them distinct settings or names")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds must be distinct")
+        for a in self.attackers:
+            if a.objective == "fkl" and self.reveal.top_k is None:
+                raise ValueError(f"attacker {a.label} learns from revealed top-k log-probs: set reveal.top_k")
+            if a.objective == "fkl" and self.answer_forcing:
+                raise ValueError(f"attacker {a.label}: answer forcing appends text with no revealed log-probs; "
+                                 "use objective sft or answer_forcing: false")
+        return self

@@ -1,0 +1,158 @@
+"""The game's ``report.html`` (self-contained): the frontier, the cost bars, per-position entropies, example
+traces side by side, and the tables."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+
+from ..config import GameConfig
+from ..recipes.report import Report
+from .collect import load_traces
+
+COLORS = ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377", "#bbbbbb"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def frontier_figure(summary: list[dict[str, Any]], attackers: list[str]):
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    kinds = sorted({r["defense"] for r in summary if r["defense"] != "none"} | (
+        {"none"} if any(r["defense"] == "none" and r["params"] for r in summary) else set()))
+    ref = [r for r in summary if r["defense"] == "none" and not r["params"]]
+    for ki, kind in enumerate(kinds):
+        color = COLORS[ki % len(COLORS)]
+        for ai, att in enumerate(attackers):
+            pts = [r for r in summary if r["defense"] == kind and r["attacker"] == att and _finite(r["recovery"])]
+            pts += [r for r in ref if r["attacker"] == att and _finite(r["recovery"])]
+            pts.sort(key=lambda r: -r["teacher_accuracy"])
+            if not pts:
+                continue
+            passive = pts[0]["attacker_kind"] == "passive"
+            ax.errorbar([r["recovery"] for r in pts], [r["teacher_accuracy"] for r in pts],
+                        xerr=[r["recovery_std"] for r in pts], yerr=[r["teacher_accuracy_std"] for r in pts],
+                        color=color, marker=MARKERS[ai % len(MARKERS)], linestyle="--" if passive else "-",
+                        capsize=3, label=f"{kind} / {att}")
+    ax.axvline(1.0, color="#999", lw=0.8)
+    ax.set(xlabel="student capability recovery R (1 = as much as from the undefended teacher)",
+           ylabel="teacher utility (accuracy of its answers to the queries)",
+           title="the distillation game's frontier (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no finite recovery yet: the undefended references gain nothing over the base student",
+                ha="center", va="center", transform=ax.transAxes, fontsize=8, wrap=True)
+    return fig
+
+
+def cost_figure(summary_rows: list[dict[str, Any]]):
+    by: dict[str, dict[str, Any]] = {}
+    for r in summary_rows:
+        by.setdefault(r["defense_label"], r)
+    labels = list(by)
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.6))
+    vals = [[by[k].get("teacher_tokens_per_s") or 0 for k in labels],
+            [by[k].get("proxy_forwards_per_token") or 0 for k in labels],
+            [by[k].get("offline_s") or 0 for k in labels]]
+    titles = ["teacher tokens/s (sampling, this machine)", "proxy forwards per token", "offline time (s)"]
+    for a, v, t in zip(ax, vals, titles, strict=True):
+        a.bar(range(len(labels)), v, color="#4477aa")
+        a.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+        a.set_title(t, fontsize=9)
+        a.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def entropy_figure(teacher: dict[str, Any], base: dict[str, Any], rows: list[dict[str, Any]], cfg: GameConfig):
+    kinds = [d for d in cfg.defenses]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.4), squeeze=False)
+    for ax, d in zip(axes[0], kinds, strict=True):
+        strongest = dict(d.strengths[-1])
+        ax.plot(teacher["entropy"]["multi"], color="k", lw=2, label="teacher (undefended model)")
+        if base.get("entropy"):
+            ax.plot(base["entropy"]["multi"], color="#999", lw=1, label="student before traces")
+        groups: dict[str, list[list[float]]] = defaultdict(list)
+        kind_of = {}
+        for r in rows:
+            if r["defense"] == d.kind and r["params"] == strongest and r.get("student_entropy"):
+                groups[r["attacker"]].append(r["student_entropy"]["multi"])
+                kind_of[r["attacker"]] = r["attacker_kind"]
+        for i, (att, curves) in enumerate(groups.items()):
+            n = len(curves[0])
+            mean = [sum(c[j] for c in curves if _finite(c[j])) / max(1, sum(_finite(c[j]) for c in curves))
+                    for j in range(n)]
+            ax.plot(mean, color=COLORS[i % len(COLORS)], linestyle="--" if kind_of[att] == "passive" else "-",
+                    label=att)
+        inner = ", ".join(f"{k}={v}" for k, v in sorted(strongest.items()))
+        ax.set(title=f"{d.kind}({inner})", xlabel="completion position", ylabel="entropy (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def write_report(cfg: GameConfig, out: Path, rows: list[dict[str, Any]], summary_rows: list[dict[str, Any]],
+                 summary: dict[str, Any]) -> Path:
+    import json
+
+    from .sweep import UNDEFENDED, defense_label, traces_key
+
+    out = Path(out)
+    r = Report("distillarena game")
+    base = summary["base"]
+    r.text(f"{len(rows)} cells: defenses x strengths x attackers x seeds {cfg.seeds}, budget {cfg.budget} teacher "
+           f"queries per cell, student trained {cfg.train.steps} steps. Student accuracy before any trace: "
+           f"{base['accuracy']:.3f} (test split, greedy, n={cfg.eval.n_problems}).")
+    r.text("Recovery R = (acc_student - acc_base) / (acc_same_attacker_on_undefended_traces - acc_base). Adaptive "
+           "weights: w = exp(beta * sign * clip(z)), z the standardised finite-difference value of each trace along "
+           "the unit holdout gradient; sign +1 upweights traces whose training lowers the student's holdout loss "
+           "(the reference code's weighting is sign -1).", note=True)
+    if cfg.answer_forcing:
+        r.text("Answer forcing is on: traces without an Answer line were completed by the UNDEFENDED teacher. This "
+               "flatters the defense (forced accuracy is reported separately).", note=True)
+    attackers = [a.label for a in cfg.attackers]
+    r.heading("Frontier: teacher utility against student recovery")
+    r.figure(frontier_figure(summary_rows, attackers),
+             "One colour per defense (its strengths along the curve, the undefended teacher at R = 1); passive "
+             "students dashed, adaptive solid; error bars: std over seeds.")
+    r.heading("Summary (means over seeds)")
+    r.table(["defense", "attacker", "teacher acc", "teacher KL", "student acc", "R", "R std", "value/oracle rho"],
+            [[s["defense_label"], s["attacker"], s["teacher_accuracy"], s["teacher_kl"], s["student_accuracy"],
+              s["recovery"], s["recovery_std"], s["oracle_spearman"]] for s in summary_rows])
+    if summary["gaps"]:
+        r.heading("Passive / adaptive gap")
+        r.table(["defense", "attacker", "R(attacker) - R(passive)", "accuracy gap"],
+                [[g["defense_label"], g["attacker"], g["recovery_gap"], g["accuracy_gap"]]
+                 for g in summary["gaps"]])
+    r.heading("Cost of each defense")
+    r.figure(cost_figure(summary_rows), "Teacher sampling throughput on this machine, proxy forward passes per "
+                                        "generated token, and offline time (the antidistillation holdout gradient).")
+    teacher = json.loads((out / "teacher.json").read_text())
+    if teacher.get("entropy"):
+        r.heading("Per-position entropy: teacher and students")
+        r.figure(entropy_figure(teacher, base, rows, cfg),
+                 "Next-token entropy on test problems with several valid step orders (teacher-forced on reference "
+                 "solutions); students trained on each defense's strongest setting, mean over seeds.")
+    r.heading("Example traces (first seed)")
+    seed = cfg.seeds[0]
+    columns = [("undefended", UNDEFENDED)]
+    for d in cfg.defenses:
+        columns.append((defense_label(d.at(d.strengths[-1])), d.at(d.strengths[-1])))
+    texts = []
+    for _, dc in columns:
+        folder = out / "traces" / traces_key(cfg, dc, seed)
+        recs = load_traces(folder)[:4] if (folder / "traces.jsonl").is_file() else []
+        texts.append(recs)
+    n = max((len(t) for t in texts), default=0)
+    r.table(["prompt"] + [c for c, _ in columns],
+            [[next((t[i]["prompt"].strip() for t in texts if len(t) > i), "")]
+             + [(t[i]["completion"].replace("\n", " / ") + (" ✓" if t[i]["correct"] else " ✗")) if len(t) > i
+                else "" for t in texts] for i in range(n)])
+    return r.write(out / "report.html")

@@ -1,0 +1,337 @@
+"""``distillarena game``: defenses x strengths x attackers x seeds from one config, one cached cell each.
+
+Run folder::
+
+    config.yaml       the resolved config of the latest run
+    game.json         the task and teacher every cell was computed with (a rerun with another is refused)
+    teacher.json      the undefended teacher's per-position entropy (computed once)
+    base/<key>.json   the student before any trace (accuracy, entropy): computed once, shared by every cell
+    traces/<key>/     one trace collection per (defense, strength, seed): traces.jsonl + meta.json
+    cells/<key>/      one finished cell: cell.json (+ values.json: per-trace value and weight)
+    results.jsonl     one row per cell of this config, with recovery; results.csv the same as CSV
+    summary.json      means and stds over seeds, the passive/adaptive gaps
+    report.html       the report (self-contained)
+
+Every folder is written in one rename when finished, so an interrupted sweep loses only the cell it was in, and
+a rerun skips every finished cell. A cell's key is the hash of everything that determines it (task, teacher,
+defense and strength, attacker, seed, budget, prompts, reveal, student, training and evaluation settings); the
+undefended reference cell of an attacker and seed (``none`` at temperature 1) is an ordinary cell, shared with a
+sweep that lists ``none`` itself. ``results.*``, ``summary.json`` and the report are rebuilt from the cell folders
+alone (:func:`rebuild`).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from ..attacks.lm import Encoded
+from ..config import AttackerConfig, DefenseConfig, GameConfig, TeacherConfig, dump_config
+from ..errors import UserError
+from ..evaluate.task_eval import evaluate_problems, per_position_entropy
+from ..paths import atomic_dir, atomic_write_json, atomic_write_text
+from ..recipes.traces import resolve_model
+from ..tasks.data import encode_example, problem_example
+from .attack import encode_traces, plan_attack, train_student
+from .collect import collect, game_task, load_traces
+from .metrics import aggregate, gaps, recovery
+
+UNDEFENDED = DefenseConfig(kind="none", params={})
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def defense_label(d: DefenseConfig) -> str:
+    inner = ", ".join(f"{k}={v}" for k, v in sorted(d.params.items()))
+    return f"{d.kind}({inner})" if inner else d.kind
+
+
+def world_of(cfg: GameConfig) -> dict[str, Any]:
+    """The task and teacher: every cell of a run folder must share them."""
+    task = (cfg.teacher.teach or TeacherConfig()).task.model_dump(mode="json")
+    return {"task": task, "teacher": cfg.teacher.model_dump(mode="json")}
+
+
+def traces_key(cfg: GameConfig, d: DefenseConfig, seed: int) -> str:
+    proxy = d.proxy.model_dump(mode="json") if d.kind in ("poe", "antidistillation") else None
+    return digest({"world": world_of(cfg), "defense": d.kind, "params": d.params, "proxy": proxy,
+                   "holdout_traces": d.holdout_traces if d.kind == "antidistillation" else None, "seed": seed,
+                   "budget": cfg.budget, "prompts": cfg.prompts.model_dump(mode="json"),
+                   "reveal": cfg.reveal.model_dump(mode="json"), "answer_forcing": cfg.answer_forcing,
+                   "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size})
+
+
+def base_key(cfg: GameConfig) -> str:
+    return digest({"world": world_of(cfg), "student": cfg.student.model_dump(mode="json"),
+                   "eval": cfg.eval.model_dump(mode="json")})
+
+
+def cell_key(cfg: GameConfig, d: DefenseConfig, a: AttackerConfig, seed: int) -> str:
+    att = a.model_dump(mode="json")
+    att.pop("name", None)
+    return digest({"traces": traces_key(cfg, d, seed), "base": base_key(cfg), "attacker": att,
+                   "train": cfg.train.model_dump(mode="json"), "holdout": cfg.holdout,
+                   "oracle": cfg.oracle.model_dump(mode="json") if a.kind != "passive" else None})
+
+
+@dataclass
+class Cell:
+    defense: DefenseConfig
+    attacker: AttackerConfig
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return f"{defense_label(self.defense)} | {self.attacker.label} | seed {self.seed}"
+
+
+def plan_cells(cfg: GameConfig) -> list[Cell]:
+    """The sweep's cells, each undefended reference first (computed once per attacker and seed)."""
+    cells: list[Cell] = []
+    seen: set[str] = set()
+
+    def add(c: Cell) -> None:
+        k = cell_key(cfg, c.defense, c.attacker, c.seed)
+        if k not in seen:
+            seen.add(k)
+            cells.append(c)
+
+    for a in cfg.attackers:
+        for s in cfg.seeds:
+            add(Cell(UNDEFENDED, a, s))
+    for d in cfg.defenses:
+        for params in d.strengths:
+            for a in cfg.attackers:
+                for s in cfg.seeds:
+                    add(Cell(d.at(params), a, s))
+    return cells
+
+
+class Game:
+    """The state a sweep shares between cells: models loaded once, cached pieces read from the run folder."""
+
+    def __init__(self, cfg: GameConfig, out: Path, console: Console):
+        self.cfg, self.out, self.console = cfg, Path(out), console
+        self.task = game_task(cfg)
+        self._student = None
+        self._teacher = None
+        self.test = self.task.problems("test", cfg.eval.n_problems, cfg.eval.difficulties, seed=0)
+        multi = [k for k in cfg.eval.difficulties if k >= 2] or [2]
+        self.entropy_problems = (self.task.problems("test", cfg.eval.entropy_problems, multi, seed=1)
+                                 if cfg.eval.entropy_problems else [])
+
+    # --- models -------------------------------------------------------------------------------------------------
+    def student(self):
+        if self._student is None:
+            model, tok, path = resolve_model(self.cfg.student, self.console)
+            self._student = (model.to(torch.float32), tok, str(path))
+        return self._student
+
+    def teacher(self):
+        if self._teacher is None:
+            model, tok, path = resolve_model(self.cfg.teacher, self.console)
+            self._teacher = (model, tok, str(path))
+        return self._teacher
+
+    def holdout(self, tok) -> list[Encoded]:
+        """The attacker's clean holdout: reference solutions of holdout-split problems."""
+        problems = self.task.problems("holdout", self.cfg.holdout, self.cfg.prompts.n_ops, seed=0)
+        return [encode_example(tok, problem_example(p)) for p in problems]
+
+    # --- cached pieces -------------------------------------------------------------------------------------------
+    def teacher_info(self) -> dict[str, Any]:
+        path = self.out / "teacher.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        model, tok, where = self.teacher()
+        ev = evaluate_problems(model, tok, self.test, max_new_tokens=self.cfg.eval.max_new_tokens)
+        info = {"teacher": where, "greedy_accuracy": ev.accuracy, "greedy_step_validity": ev.step_validity,
+                "entropy": per_position_entropy(model, tok, self.entropy_problems) if self.entropy_problems
+                else None}
+        atomic_write_json(path, info)
+        return info
+
+    def base(self) -> dict[str, Any]:
+        path = self.out / "base" / f"{base_key(self.cfg)}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        model, tok, where = self.student()
+        ev = evaluate_problems(model, tok, self.test, max_new_tokens=self.cfg.eval.max_new_tokens)
+        info = {"student": where, "accuracy": ev.accuracy, "step_validity": ev.step_validity,
+                "by_difficulty": {str(k): v for k, v in ev.by_difficulty.items()},
+                "entropy": per_position_entropy(model, tok, self.entropy_problems) if self.entropy_problems
+                else None}
+        atomic_write_json(path, info)
+        return info
+
+    def traces(self, d: DefenseConfig, seed: int) -> tuple[Path, dict[str, Any]]:
+        folder = self.out / "traces" / traces_key(self.cfg, d, seed)
+        return folder, collect(self.cfg, d, seed, folder, self.console)
+
+    # --- one cell ------------------------------------------------------------------------------------------------
+    def run_cell(self, c: Cell) -> dict[str, Any]:
+        key = cell_key(self.cfg, c.defense, c.attacker, c.seed)
+        folder = self.out / "cells" / key
+        if (folder / "cell.json").is_file():
+            return json.loads((folder / "cell.json").read_text())
+        t0 = time.perf_counter()
+        tfolder, meta = self.traces(c.defense, c.seed)
+        records = load_traces(tfolder)
+        base_model, tok, _ = self.student()
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        a = c.attacker
+        enc, topk = encode_traces(records, tok, objective=a.objective, forced=self.cfg.answer_forcing)
+        student = copy.deepcopy(base_model)
+        plan = plan_attack(a, student, enc, self.holdout(tok), pad_id=pad, cfg=self.cfg, seed=c.seed)
+        t1 = time.perf_counter()
+        student = train_student(student, enc, plan, topk, a, self.cfg, seed=c.seed, pad_id=pad)
+        train_s = time.perf_counter() - t1
+        ev = evaluate_problems(student, tok, self.test, max_new_tokens=self.cfg.eval.max_new_tokens)
+        entropy = (per_position_entropy(student, tok, self.entropy_problems) if self.entropy_problems else None)
+        cell = {
+            "key": key, "world": digest(world_of(self.cfg)), "defense": c.defense.kind,
+            "params": dict(c.defense.params), "defense_label": defense_label(c.defense),
+            "attacker": a.label, "attacker_kind": a.kind, "attacker_config": a.model_dump(mode="json"),
+            "seed": c.seed, "budget": self.cfg.budget, "traces_key": tfolder.name, "base_key": base_key(self.cfg),
+            "student_accuracy": ev.accuracy, "student_step_validity": ev.step_validity,
+            "student_by_difficulty": {str(k): v for k, v in ev.by_difficulty.items()},
+            "student_entropy": entropy, "train_s": train_s, "cell_s": time.perf_counter() - t0,
+            "n_trained": len(plan.keep), **{k: v for k, v in meta.items() if k not in ("defense", "params", "seed")},
+            **plan.info,
+        }
+        with atomic_dir(folder) as tmp:
+            atomic_write_json(tmp / "cell.json", cell)
+            if plan.values is not None:
+                atomic_write_json(tmp / "values.json", {"values": plan.values, "keep": plan.keep,
+                                                        "weights": plan.weights})
+        return cell
+
+
+def check_world(cfg: GameConfig, out: Path) -> None:
+    path = Path(out) / "game.json"
+    world = world_of(cfg)
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != world:
+            diff = [k for k in world if old.get(k) != world[k]]
+            raise UserError(f"run folder {out} holds cells computed with another {' and '.join(diff)}: the cells of "
+                            "one sweep must agree on the task and the teacher; use another --out")
+    else:
+        atomic_write_json(path, world)
+
+
+def run_game(cfg: GameConfig, out: Path, console: Console | None = None) -> dict[str, Any]:
+    """Run (or resume) the sweep of ``cfg`` in ``out``; returns the summary."""
+    console = console or Console()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_world(cfg, out)
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    game = Game(cfg, out, console)
+    cells = plan_cells(cfg)
+    done = sum((out / "cells" / cell_key(cfg, c.defense, c.attacker, c.seed) / "cell.json").is_file() for c in cells)
+    console.print(f"[bold]game[/] {len(cells)} cells ({done} already finished) in {out}")
+    game.teacher_info()
+    game.base()
+    t0 = time.perf_counter()
+    for i, c in enumerate(cells, 1):
+        key = cell_key(cfg, c.defense, c.attacker, c.seed)
+        if (out / "cells" / key / "cell.json").is_file():
+            continue
+        c0 = time.perf_counter()
+        rec = game.run_cell(c)
+        msg = f"[{i}/{len(cells)}] {c.label}: student accuracy {rec['student_accuracy']:.1%}"
+        if rec.get("oracle_spearman") is not None:
+            msg += f", value/oracle rank corr {rec['oracle_spearman']:+.2f}"
+        console.print(msg + f" ({time.perf_counter() - c0:.0f}s)")
+    console.print(f"cells done in {time.perf_counter() - t0:.0f}s")
+    return rebuild(out, cfg, console=console)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The table, from the run folder alone
+# --------------------------------------------------------------------------------------------------------------
+
+
+def table(cfg: GameConfig, out: Path) -> list[dict[str, Any]]:
+    """One row per finished cell of ``cfg`` (the undefended references included), with base accuracy, the
+    reference accuracy and the recovery R."""
+    out = Path(out)
+    base = json.loads((out / "base" / f"{base_key(cfg)}.json").read_text())
+    world = digest(world_of(cfg))
+    rows, refs = [], {}
+    for c in plan_cells(cfg):
+        p = out / "cells" / cell_key(cfg, c.defense, c.attacker, c.seed) / "cell.json"
+        if not p.is_file():
+            continue
+        r = json.loads(p.read_text())
+        if r["world"] != world:
+            raise UserError(f"cell {p.parent.name} was computed with another task or teacher than this config")
+        r["attacker"] = c.attacker.label  # the name may have changed since (it is not part of the key)
+        r["undefended_reference"] = c.defense.kind == "none" and not c.defense.params
+        if r["undefended_reference"]:
+            refs[(r["attacker"], r["seed"])] = r["student_accuracy"]
+        rows.append(r)
+    for r in rows:
+        r["base_accuracy"] = base["accuracy"]
+        ref = refs.get((r["attacker"], r["seed"]))
+        r["reference_accuracy"] = ref
+        if ref is None:
+            r["recovery"], r["recovery_note"] = float("nan"), "the undefended reference cell is missing"
+        else:
+            r["recovery"], r["recovery_note"] = recovery(r["student_accuracy"], base["accuracy"], ref)
+    return rows
+
+
+CSV_COLUMNS = ["defense_label", "defense", "attacker", "attacker_kind", "seed", "budget", "teacher_accuracy",
+               "teacher_accuracy_forced", "teacher_step_validity", "teacher_kl", "teacher_tokens_per_s",
+               "proxy_forwards_per_token", "offline_s", "base_accuracy", "reference_accuracy", "student_accuracy",
+               "student_step_validity", "recovery", "recovery_note", "oracle_spearman", "ess_fraction",
+               "frac_mass_top20", "n_trained", "train_s", "valuation_s", "key"]
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def rebuild(out: Path, cfg: GameConfig, console: Console | None = None, report: bool = True) -> dict[str, Any]:
+    """Write ``results.jsonl``, ``results.csv``, ``summary.json`` (and ``report.html``) from the run folder."""
+    out = Path(out)
+    rows = table(cfg, out)
+    atomic_write_text(out / "results.jsonl", "".join(json.dumps(_json_safe(r)) + "\n" for r in rows))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    summ = aggregate(rows)
+    summary = {"cells": len(rows), "rows": _json_safe(summ), "gaps": _json_safe(gaps(summ)),
+               "base": json.loads((out / "base" / f"{base_key(cfg)}.json").read_text())}
+    atomic_write_json(out / "summary.json", summary)
+    if report:
+        from .report import write_report
+
+        path = write_report(cfg, out, rows, summ, summary)
+        if console is not None:
+            console.print(f"[bold green]report[/] {path}")
+    return summary
