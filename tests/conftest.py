@@ -5,7 +5,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# One thread: tiny models gain nothing from two, and two OpenMP threads on a busy 2-core machine are many
+# times slower than one (measured while several jobs shared the machine).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True, scope="session")
