@@ -72,18 +72,20 @@ def cost_figure(summary_rows: list[dict[str, Any]]):
 
 
 def entropy_figure(teacher: dict[str, Any], base: dict[str, Any], rows: list[dict[str, Any]], cfg: GameConfig):
-    kinds = [d for d in cfg.defenses]
+    kinds = list(cfg.defenses)
+    # problems with several valid step orders if there are any, else the single-order ones
+    key = "multi" if any(_finite(x) for x in teacher["entropy"]["multi"]) else "single"
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.4), squeeze=False)
     for ax, d in zip(axes[0], kinds, strict=True):
         strongest = dict(d.strengths[-1])
-        ax.plot(teacher["entropy"]["multi"], color="k", lw=2, label="teacher (undefended model)")
+        ax.plot(teacher["entropy"][key], color="k", lw=2, label="teacher (undefended model)")
         if base.get("entropy"):
-            ax.plot(base["entropy"]["multi"], color="#999", lw=1, label="student before traces")
+            ax.plot(base["entropy"][key], color="#999", lw=1, label="student before traces")
         groups: dict[str, list[list[float]]] = defaultdict(list)
         kind_of = {}
         for r in rows:
             if r["defense"] == d.kind and r["params"] == strongest and r.get("student_entropy"):
-                groups[r["attacker"]].append(r["student_entropy"]["multi"])
+                groups[r["attacker"]].append(r["student_entropy"][key])
                 kind_of[r["attacker"]] = r["attacker_kind"]
         for i, (att, curves) in enumerate(groups.items()):
             n = len(curves[0])
@@ -92,7 +94,8 @@ def entropy_figure(teacher: dict[str, Any], base: dict[str, Any], rows: list[dic
             ax.plot(mean, color=COLORS[i % len(COLORS)], linestyle="--" if kind_of[att] == "passive" else "-",
                     label=att)
         inner = ", ".join(f"{k}={v}" for k, v in sorted(strongest.items()))
-        ax.set(title=f"{d.kind}({inner})", xlabel="completion position", ylabel="entropy (nats)")
+        ax.set(title=f"{d.kind}({inner})", xlabel="completion position",
+               ylabel=f"entropy (nats), {'several' if key == 'multi' else 'one'} valid step order(s)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return fig
@@ -138,8 +141,9 @@ def write_report(cfg: GameConfig, out: Path, rows: list[dict[str, Any]], summary
     if teacher.get("entropy"):
         r.heading("Per-position entropy: teacher and students")
         r.figure(entropy_figure(teacher, base, rows, cfg),
-                 "Next-token entropy on test problems with several valid step orders (teacher-forced on reference "
-                 "solutions); students trained on each defense's strongest setting, mean over seeds.")
+                 "Next-token entropy on 3-operation test problems (teacher-forced on reference solutions; those with "
+                 "several valid step orders when the run has them); students trained on each defense's strongest "
+                 "setting, passive dashed, mean over seeds.")
     r.heading("Example traces (first seed)")
     seed = cfg.seeds[0]
     columns = [("undefended", UNDEFENDED)]

@@ -129,8 +129,8 @@ class Game:
         self._student = None
         self._teacher = None
         self.test = self.task.problems("test", cfg.eval.n_problems, cfg.eval.difficulties, seed=0)
-        multi = [k for k in cfg.eval.difficulties if k >= 2] or [2]
-        self.entropy_problems = (self.task.problems("test", cfg.eval.entropy_problems, multi, seed=1)
+        # 3-operation problems: the smallest with several valid step orders (where a multi-modal teacher shows)
+        self.entropy_problems = (self.task.problems("test", cfg.eval.entropy_problems, [3], seed=1)
                                  if cfg.eval.entropy_problems else [])
 
     # --- models -------------------------------------------------------------------------------------------------
