@@ -228,9 +228,7 @@ def build_student(cfg: DistillConfig, teacher: TeacherSetup) -> tuple[torch.nn.M
 
 
 def task_config(cfg: DistillConfig) -> ArithmeticConfig:
-    t = cfg.data.task
-    return ArithmeticConfig(add_max=t.add_max, mul_max=t.mul_max, max_value=t.max_value,
-                            word_fraction=t.word_fraction)
+    return cfg.data.task.arithmetic()
 
 
 @dataclass
@@ -264,8 +262,7 @@ def build_data(cfg: DistillConfig, tok, max_length: int, data_cfg=None) -> DataS
     seed = cfg.train.seed
     problems = None
     if d.source == "builtin":
-        acfg = ArithmeticConfig(add_max=d.task.add_max, mul_max=d.task.mul_max, max_value=d.task.max_value,
-                                word_fraction=d.task.word_fraction)
+        acfg = d.task.arithmetic()
         train_exs = arithmetic_examples("train", d.train_size, d.task.n_ops, seed=seed, config=acfg)
         held = (arithmetic_examples("holdout", cfg.eval.n_examples, cfg.eval.difficulties, seed=seed, config=acfg)
                 if cfg.eval.n_examples else [])
