@@ -35,14 +35,6 @@ PAD, EOS = 0, 1
 FD_JVP_REL_TOL = 1e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is fastest, and on a shared 2-core machine two OpenMP threads can be 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_llama(hidden: int = 64, layers: int = 2, seed: int = 0, vocab: int = VOCAB, tied: bool = False):
     torch.manual_seed(seed)

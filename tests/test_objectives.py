@@ -4,11 +4,10 @@ top-k and token-log-prob signals, and property-based invariants."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
+import test_objectives_reference as ref  # noqa: E402 - tests/ is on sys.path (pytest rootdir import)
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,13 +21,6 @@ from distillarena.objectives import (
     hpd_loss,
     hpd_weights,
 )
-
-_spec = importlib.util.spec_from_file_location(
-    "objectives_reference", Path(__file__).with_name("test_objectives_reference.py")
-)
-assert _spec is not None and _spec.loader is not None
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 D64 = torch.float64

@@ -3,13 +3,12 @@ empty batches, error messages, vocabulary alignment, the registry, dtypes."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
+import test_objectives_reference as ref  # noqa: E402 - tests/ is on sys.path (pytest rootdir import)
 import torch
 
 from distillarena.errors import UserError
@@ -22,13 +21,6 @@ from distillarena.objectives import (
     register_objective,
     unregister_objective,
 )
-
-_spec = importlib.util.spec_from_file_location(
-    "objectives_reference", Path(__file__).with_name("test_objectives_reference.py")
-)
-assert _spec is not None and _spec.loader is not None
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 F32 = torch.float32
