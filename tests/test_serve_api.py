@@ -162,7 +162,7 @@ def test_policies_poe_rounding_and_text_only(server):
                                                             top_logprobs=2, seed=1)
     assert [round(t.logprob, 2) for t in r_plain.choices[0].logprobs.content] != \
         [t.logprob for t in r.choices[0].logprobs.content]  # the defense changes the distribution
-    assert server.store.ledger_rows(rec_poe.id)[-1]["defense"] == "poe:0.5"
+    assert server.store.ledger_rows(rec_poe.id)[-1]["defense"] == "poe(gamma=0.5)"
 
     text_only, _ = key(server, policy=PolicyConfig(logprobs=False))
     c2 = client(server, text_only)

@@ -31,7 +31,7 @@ def test_keys_create_list_revoke_and_ledger(tmp_path, capsys):
         "--rate", 30, "--defense", "poe", "--strength", 0.25, "--top-logprobs", 2, "--decimals", 3)
     out = capsys.readouterr()
     token = out.out.strip()
-    assert token.startswith("da-") and "shown only this once" in out.err and "poe:0.25" in out.err
+    assert token.startswith("da-") and "shown only this once" in out.err and "poe(gamma=0.25)" in out.err
     run("keys", "create", "--store", store, "--no-logprobs", "--json")
     created = json.loads(capsys.readouterr().out)
     assert created["policy"]["logprobs"] is False and created["token"].startswith("da-")
@@ -70,8 +70,10 @@ def test_user_errors(tmp_path):
         run("keys", "list", "--store", tmp_path / "missing.sqlite")
     with pytest.raises(UserError, match="no store"):
         run("ledger", "--store", tmp_path / "missing.sqlite")
-    with pytest.raises(UserError, match="top_p strength"):
-        run("keys", "create", "--store", tmp_path / "s.sqlite", "--defense", "top_p", "--strength", 3)
+    with pytest.raises(UserError, match="top_p must be in"):
+        run("keys", "create", "--store", tmp_path / "s.sqlite", "--defense", "truncation", "--param", "top_p=3")
+    with pytest.raises(UserError, match="does not take gamma"):
+        run("keys", "create", "--store", tmp_path / "s.sqlite", "--defense", "truncation", "--param", "gamma=0.3")
     run("keys", "create", "--store", tmp_path / "s.sqlite")
     with pytest.raises(UserError, match="no key with id"):
         run("keys", "revoke", "--store", tmp_path / "s.sqlite", "0123456789ab")

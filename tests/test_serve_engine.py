@@ -65,9 +65,10 @@ def test_seeded_requests_reproduce_whatever_else_runs(engine):
 
 def test_defenses_change_the_sampled_distribution(engine):
     p = prompt(engine)
-    base = engine.generate(GenJob([p], n=1, max_tokens=6, temperature=0.0, logprobs=3), 60).sequences[0]
+    base = engine.generate(GenJob([p], n=1, max_tokens=6, temperature=0.0, logprobs=3, all_tokens=True),
+                           60).sequences[0]
     top1 = engine.generate(GenJob([p], n=1, max_tokens=6, temperature=0.0, logprobs=3,
-                                  policy=PolicyConfig(defense="top_k", strength=1)), 60).sequences[0]
+                                  policy=PolicyConfig(defense="truncation", params={"top_k": 1})), 60).sequences[0]
     assert top1.token_ids == base.token_ids  # greedy is the same under a top-1 truncation...
     assert all(t[0][1] == 0.0 and t[1][1] == -9999.0 for t in top1.top)  # ...but it reveals a point mass
     poe = engine.generate(GenJob([p], n=1, max_tokens=6, temperature=0.0, logprobs=3,
@@ -78,7 +79,7 @@ def test_defenses_change_the_sampled_distribution(engine):
     finally:
         proxy_alone.close()
     assert poe.token_ids == ref.token_ids  # gamma = 1: the proxy's own greedy answer
-    hot = engine.generate(GenJob([p], n=1, max_tokens=6, temperature=0.0, logprobs=3,
+    hot = engine.generate(GenJob([p], n=1, max_tokens=6, temperature=0.0, logprobs=3, all_tokens=True,
                                  policy=PolicyConfig(defense="temperature", strength=4.0)), 60).sequences[0]
     assert hot.token_ids == base.token_ids and hot.logprobs[0] < base.logprobs[0]  # flatter, same argmax
 

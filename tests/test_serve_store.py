@@ -56,7 +56,7 @@ def test_policy_is_copied_into_the_key(store):
     policy = PolicyConfig(defense="poe", strength=0.3, max_top_logprobs=2, decimals=1)
     _, rec = store.create_key("p", policy=policy)
     assert store.get_key(rec.id).policy == policy
-    assert rec.policy.label() == "poe:0.3"
+    assert rec.policy.label() == "poe(gamma=0.3)"
     _, rec2 = store.create_key("d")
     assert rec2.policy == PolicyConfig()
 

@@ -95,6 +95,26 @@ def _cmd_game(args: argparse.Namespace) -> None:
     run_game(cfg, args.out)
 
 
+def _cmd_convert_smollm2(args: argparse.Namespace) -> None:
+    from .models.real import convert_smollm2
+    from .recipes.real import save_layer_dropped
+
+    path = convert_smollm2(args.dtype, args.out, force=args.force)
+    print(path)
+    if args.keep_every:
+        print(save_layer_dropped(path, args.keep_every, force=args.force))
+
+
+def _cmd_chat_data(args: argparse.Namespace) -> None:
+    from .paths import cache_dir
+    from .tasks.chat_data import write_chat_data
+
+    out = args.out or cache_dir() / "data" / "chat"
+    for name, path in write_chat_data(out, train=args.train, heldout=args.heldout, n_ops=args.ops, seed=args.seed,
+                                      champ=not args.no_champ).items():
+        print(f"{name}: {path}")
+
+
 def _end_distributed() -> None:
     """Under torchrun, leave the process group cleanly: gloo's teardown can abort an otherwise finished process
     (see docs/scale-out.md), so every rank meets at a barrier, destroys the group and exits directly."""
@@ -154,6 +174,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rebuild results and report.html from --out (with its own config.yaml by default)")
     g.set_defaults(func=_cmd_game)
 
+    cv = sub.add_parser("convert-smollm2", help="convert the SmolLM2-135M-Instruct GGUF of the `real` extra into a "
+                        "save_pretrained folder (once; prints its path)")
+    cv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    cv.add_argument("--out", type=Path, help="folder (default: <cache>/models/SmolLM2-135M-Instruct-<dtype>)")
+    cv.add_argument("--keep-every", type=int, metavar="K",
+                    help="also write a copy keeping layers 0, K, 2K, ... (a student or PoE proxy): <folder>-keepK")
+    cv.add_argument("--force", action="store_true", help="convert again even if the folder exists")
+    cv.set_defaults(func=_cmd_convert_smollm2)
+
+    cd = sub.add_parser("chat-data", help="write the built-in problems (and champ-dataset's) as chat JSON lines")
+    cd.add_argument("--out", type=Path, help="folder (default: <cache>/data/chat)")
+    cd.add_argument("--train", type=int, default=512, help="training problems (default 512)")
+    cd.add_argument("--heldout", type=int, default=64, help="held-out problems (default 64)")
+    cd.add_argument("--ops", type=int, nargs="+", default=[1, 2, 3], help="operations per problem")
+    cd.add_argument("--seed", type=int, default=0)
+    cd.add_argument("--no-champ", action="store_true", help="skip the champ-dataset probe")
+    cd.set_defaults(func=_cmd_chat_data)
+
     e = sub.add_parser("evaluate", help="accuracy of a model folder on the built-in task")
     e.add_argument("model", help="save_pretrained folder or cached hub id")
     e.add_argument("--split", default="test", choices=["train", "holdout", "test"])
@@ -169,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on every load drown ours
+    except ImportError:
+        pass
     try:
         args.func(args)
     except UserError as e:

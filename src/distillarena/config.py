@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -50,7 +50,7 @@ class TaskConfig(Strict):
 
 
 class TrainConfig(Strict):
-    steps: int = Field(1200, ge=1)
+    steps: int = Field(700, ge=1)
     batch_size: int = Field(64, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(3e-3, gt=0)
@@ -82,13 +82,6 @@ class EvalConfig(Strict):
     n_per_difficulty: int = Field(200, ge=1)
     max_new_tokens: int = Field(64, ge=1)
     seed: int = 0
-
-
-class DemoConfig(Strict):
-    """``distillarena demo``: the whole story on the built-in world."""
-
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -215,6 +208,8 @@ class DataConfig(Strict):
     task: TaskConfig = Field(default_factory=TaskConfig)
     train_size: int = Field(4096, ge=1, description="examples in the (finite, reshuffled every epoch) pool")
     eval_source: str | None = Field(None, description="held-out user data (default: the tail of source)")
+    probes: dict[str, str] = Field(default_factory=dict, description="more held-out sets (name: data path), each "
+                                   "scored like eval_source; metrics prefixed '<name>/'")
     max_length: int | None = Field(None, ge=2, description="longest sequence (default: the models' context)")
 
 
@@ -454,8 +449,86 @@ class OracleConfig(Strict):
     lr: float = Field(0.01, gt=0)
 
 
+def _same_params(a: dict, b: dict) -> bool:
+    """Equal defense parameters, numbers compared as numbers (``{top_k: 5}`` is ``{top_k: 5.0}``)."""
+    def norm(d: dict) -> dict:
+        return {k: float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for k, v in d.items()}
+
+    return norm(a) == norm(b)
+
+
+class GameAPIKey(Strict):
+    """One API key of the served teacher, and the defense its key policy applies: ``defense`` and ``params`` are a
+    game defense (``kind`` and ``params`` of :class:`DefenseConfig`), which is also exactly how the server writes a
+    key's policy (``distillarena keys create --defense poe --param gamma=0.4``). The game trusts this declaration
+    (an API does not say what it applies); it labels the cell, and only a cell of that defense uses the key."""
+
+    key: str | None = Field(None, description="the bearer token (key_env keeps it out of the config file)")
+    key_env: str | None = Field(None, description="name of the environment variable holding the token")
+    defense: DefenseKind = "none"
+    params: dict[str, float | int | str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_token(self) -> GameAPIKey:
+        if (self.key is None) == (self.key_env is None):
+            raise ValueError("give the key's token as exactly one of key, key_env")
+        return self
+
+    def token(self) -> str:
+        if self.key is not None:
+            return self.key
+        import os
+
+        value = os.environ.get(self.key_env or "")
+        if not value:
+            raise UserError(f"environment variable {self.key_env} (the API key of defense {self.defense}) is not set")
+        return value
+
+    def serves(self, d: DefenseConfig) -> bool:
+        return self.defense == d.kind and _same_params(self.params, d.params)
+
+
+class GameAPI(Strict):
+    """Collect the traces from a teacher behind an OpenAI-compatible API (``distillarena serve``, or any server
+    with the same extensions) instead of sampling it in process.
+
+    Each cell's defense is applied by the server: a cell uses the key in ``keys`` whose declared defense is the
+    cell's (kind and params; one for ``none`` too, the undefended reference), and a defense with no key is a
+    config error. The cell's ``proxy`` and ``holdout_traces`` are then the server's business (they only label).
+    ``reveal.top_k`` is asked per request (the key's policy must allow it); rounding and noise are the key's (set
+    ``reveal.decimals`` / ``noise_std`` to what the key applies, for the labels).
+
+    Every batch of ``batch_size`` prompts is one ``/v1/completions`` request: the prompts as token ids of the local
+    teacher's tokenizer, ``seed`` the batch's seed (as in process), temperature 1, ``max_tokens`` =
+    ``max_new_tokens``; so the server runs exactly the sampler call of the in-process collection and a cell played
+    over HTTP gives the same traces and the same numbers as in process, except what an API cannot reveal: the
+    undefended teacher's log-probs, hence ``teacher_kl`` (null over the API). The server must accept
+    ``batch_size`` prompts per request (``max_prompts`` of the serve config). ``token_ids`` asks for the sampled
+    token ids (``return_tokens_as_token_ids``, vLLM's extension; this project's server reveals the EOS with it);
+    ``false`` (a provider without it): text only, the tokens re-encoded from the text, and no top-k.
+    """
+
+    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
+    model: str = Field(description="the served model's id (GET /v1/models)")
+    keys: list[GameAPIKey] = Field(min_length=1)
+    token_ids: bool = True
+    concurrency: int = Field(4, ge=1, description="requests in flight at most")
+    max_retries: int = Field(8, ge=0, description="retries of a request on 429 / 5xx / connection errors")
+    timeout: float = Field(600.0, gt=0, description="seconds per request")
+
+    def key_for(self, d: DefenseConfig) -> GameAPIKey:
+        for k in self.keys:
+            if k.serves(d):
+                return k
+        params = ", ".join(f"{k}={v}" for k, v in sorted(d.params.items()))
+        raise UserError(f"api.keys has no key for defense {d.kind}({params}): add one whose policy applies it")
+
+
 class GameConfig(Strict):
-    """``distillarena game``: defenses x strengths x attackers x seeds, one cached cell each."""
+    """``distillarena game``: defenses x strengths x attackers x seeds, one cached cell each.
+
+    With ``api`` (:class:`GameAPI`) the traces come from a served teacher over HTTP; ``teacher`` then names the
+    local copy of the served model, used for its tokenizer, the teacher's greedy accuracy and answer forcing."""
 
     teacher: ModelRef = Field(default_factory=lambda: ModelRef(teach=TeacherConfig()))
     student: ModelRef = Field(default_factory=default_game_student)
@@ -477,6 +550,7 @@ class GameConfig(Strict):
     train: GameTrainConfig = Field(default_factory=GameTrainConfig)
     eval: GameEvalConfig = Field(default_factory=GameEvalConfig)
     oracle: OracleConfig = Field(default_factory=OracleConfig)
+    api: GameAPI | None = Field(None, description="collect the traces over HTTP from a served teacher (GameAPI)")
 
     @model_validator(mode="after")
     def _consistent(self) -> GameConfig:
@@ -495,4 +569,96 @@ class GameConfig(Strict):
             if a.objective == "fkl" and self.answer_forcing:
                 raise ValueError(f"attacker {a.label}: answer forcing appends text with no revealed log-probs; "
                                  "use objective sft or answer_forcing: false")
+        if self.api is not None:
+            if self.reveal.top_k is not None and not self.api.token_ids:
+                raise ValueError("reveal.top_k over the API needs the sampled token ids: set api.token_ids")
+            wanted = [DefenseConfig()] + [d.at(p) for d in self.defenses for p in d.strengths]
+            missing = sorted({f"{d.kind}{d.params or ''}" for d in wanted
+                              if not any(k.serves(d) for k in self.api.keys)})
+            if missing:
+                raise ValueError(f"api.keys has no key for the defenses {', '.join(missing)} (the undefended "
+                                 "reference cells need a key of defense none): add a key whose policy applies each")
+        return self
+
+
+# --- the demo (``distillarena demo``) ------------------------------------------------------------------------------
+
+
+DEMO_OBJECTIVES = ("hpd", "sft", "seqkd", "rkl_onehot", "jsd_onehot")
+
+
+class DemoDistillConfig(Strict):
+    """The demo's distillation comparison: each objective distills the demo's teacher into the same student, on the
+    same data, with the same steps and seeds (the HPD paper's baselines as run: SFT, SeqKD, one-hot reverse KL and
+    JSD, all off-policy on the data's prefixes). ``student: null`` (the default) starts from the game's student
+    before any trace (the small preset under-trained on 1- and 2-operation problems), so a few hundred steps show
+    a difference; a student from scratch needs far more steps to leave zero accuracy."""
+
+    objectives: list[str] = Field(default_factory=lambda: list(DEMO_OBJECTIVES), min_length=1)
+    student: StudentConfig | None = None
+    data: DataConfig = Field(default_factory=lambda: DataConfig(train_size=2048))
+    train: DistillTrainConfig = Field(default_factory=lambda: DistillTrainConfig(steps=100, eval_every=25, lr=2e-3,
+                                                                                 warmup_steps=10))
+    eval: DistillEvalConfig = Field(default_factory=lambda: DistillEvalConfig(n_examples=64, n_problems=240))
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+
+    @field_validator("objectives", "seeds")
+    @classmethod
+    def _distinct(cls, v: list) -> list:
+        if len(set(v)) != len(v):
+            raise ValueError("entries must be distinct")
+        return v
+
+
+def demo_game() -> GameConfig:
+    """The demo's game: no defense, one temperature and one PoE strength (of about the same teacher utility, so
+    the two can be compared), passive and adaptive students, one seed, sized to run in about two minutes (the
+    teacher is the demo's own: ``teacher`` is filled in from it). The adaptive student's beta is 0.5: at beta 1
+    a few traces carry most of the weight (effective sample size about a quarter of the budget) and, on this world,
+    the student learns less from undefended traces than the base student knew, which leaves its recovery
+    undefined (measured: accuracy 0.36 at beta 1, 0.48 at 0.5, 0.49 at 0.25, passive 0.54, base 0.43)."""
+    return GameConfig(
+        defenses=[GameDefense(kind="temperature", strengths=[{"temperature": 1.6}]),
+                  GameDefense(kind="poe", strengths=[{"gamma": 0.5}])],
+        attackers=[AttackerConfig(kind="passive"), AttackerConfig(kind="adaptive", beta=0.5)],
+        seeds=[0], budget=512, prompts=GamePrompts(pool=1024),
+        train=GameTrainConfig(steps=100), eval=GameEvalConfig(n_problems=400, entropy_problems=32),
+        oracle=OracleConfig(n_traces=16, lr=1e-3))
+
+
+class DemoConfig(Strict):
+    """``distillarena demo``: the whole story on the built-in world: the teacher, distillation with HPD against
+    the baselines, the game, and the findings, in one run folder with one report."""
+
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    distill: DemoDistillConfig | None = Field(default_factory=DemoDistillConfig, description="null: skip")
+    game: GameConfig | None = Field(default_factory=demo_game, description="null: skip")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _over_demo_defaults(cls, data: Any) -> Any:
+        # A `game:` or `distill:` section changes the demo's own (smaller) defaults, not those of `distillarena
+        # game`: each field given replaces that field of demo_game() / DemoDistillConfig() whole (a given
+        # `train:` replaces the whole train section; one level only, so `student: {path: ...}` cannot mix with
+        # the default's `teach`).
+        if isinstance(data, dict):
+            data = dict(data)
+            defaults = {"game": lambda: demo_game().model_dump(mode="json", exclude={"teacher"}),
+                        "distill": lambda: DemoDistillConfig().model_dump(mode="json", exclude={"data": {"task"}})}
+            for name, base in defaults.items():
+                if isinstance(data.get(name), dict):
+                    data[name] = {**base(), **data[name]}
+        return data
+
+    @model_validator(mode="after")
+    def _one_teacher(self) -> DemoConfig:
+        if self.game is not None:
+            mine = ModelRef(teach=self.teacher)
+            if "teacher" in self.game.model_fields_set and self.game.teacher != mine:
+                raise ValueError("game.teacher differs from the demo's teacher: the demo plays the game with its own "
+                                 "teacher (set `teacher`, and leave game.teacher out)")
+            self.game.teacher = mine
+        if self.distill is not None and "task" not in self.distill.data.model_fields_set:
+            self.distill.data.task = self.teacher.task  # distill on the teacher's task unless told otherwise
         return self

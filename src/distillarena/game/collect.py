@@ -5,6 +5,17 @@ Sampling goes through :func:`distillarena.recipes.traces.run_traces` (resumable 
 a finished collection is a folder written in one rename: ``traces.jsonl`` and ``meta.json`` (teacher utility
 on these queries and its cost).
 
+**Over HTTP** (``api`` in the game config, :class:`~distillarena.config.GameAPI`): the same batches are asked of a
+served teacher through :class:`~distillarena.teachers.APITeacher` (resumable too), one ``/v1/completions`` request
+per batch with the prompts as token ids and the batch's seed, with the key whose policy is the cell's defense. The
+server then makes the very sampler call ``run_traces`` makes (same rows, same padding, same generator seed, the
+defense built by the same ``build_policy``), so the traces are identical: text, token ids (the EOS included) and
+revealed top-k, and the sampled token's log-prob when the key neither rounds nor adds noise. Exact equality needs
+the same batches: a sampled token depends on the rows it was sampled with (one generator draws for the whole
+batch, and padding changes the floating-point sums), so one request per prompt with per-prompt seeds could not
+reproduce an in-process batch. What an API does not reveal stays unknown: the undefended teacher's log-probs of
+the sampled tokens, hence the KL to the undefended teacher (``teacher_kl`` is null).
+
 **Answer forcing** (``answer_forcing: true``, as in the reference code): a trace with no ``Answer:`` line gets
 one, completed greedily by the *undefended* teacher. This flatters the defense (its traces and its measured
 accuracy borrow the undefended teacher's answer); the forced accuracy is reported separately, labelled so.
@@ -22,10 +33,11 @@ from rich.console import Console
 
 from ..config import DefenseConfig, GameConfig, PromptsConfig, TeacherConfig, TracesConfig
 from ..decoding import sample
+from ..errors import UserError
 from ..paths import atomic_dir, atomic_write_json, read_jsonl
-from ..recipes.teach import task_config
-from ..recipes.traces import holdout_gradient, resolve_model, run_traces
-from ..tasks.arithmetic import ANSWER_PREFIX, ArithmeticTask, check_answer, extract_answer
+from ..recipes.teach import task_config, teach
+from ..recipes.traces import batch_seed, holdout_gradient, resolve_model, run_traces
+from ..tasks.arithmetic import ANSWER_PREFIX, ArithmeticTask, check_answer, extract_answer, step_validity
 
 META = "meta.json"
 TRACES = "traces.jsonl"
@@ -86,12 +98,15 @@ def collect(cfg: GameConfig, defense: DefenseConfig, seed: int, folder: Path, co
         return json.loads((folder / META).read_text())
     raw = folder.parent / f".{folder.name}.raw.jsonl"
     offline_s = 0.0
-    if defense.kind == "antidistillation":  # the one offline cost: the proxy's holdout gradient (cached on disk)
-        proxy, proxy_tok, _ = resolve_model(defense.proxy, console)
+    if defense.kind == "antidistillation" and cfg.api is None:  # the one offline cost: the proxy's holdout
+        proxy, proxy_tok, _ = resolve_model(defense.proxy, console)  # gradient (cached on disk)
         grad = holdout_gradient(proxy, proxy_tok, defense.holdout_traces, game_task(cfg), console)
         offline_s = float(grad.metadata.get("seconds", 0.0))
     t0 = time.perf_counter()
-    summary = run_traces(traces_config(cfg, defense, seed), raw, console=console)
+    if cfg.api is not None:
+        summary = api_traces(cfg, defense, seed, raw, console)
+    else:
+        summary = run_traces(traces_config(cfg, defense, seed), raw, console=console)
     wall = time.perf_counter() - t0
     records = sorted(read_jsonl(raw), key=lambda r: r["index"])
     problems = {i: p for i, p in enumerate(game_task(cfg).problems("train", cfg.budget, cfg.prompts.n_ops,
@@ -100,16 +115,20 @@ def collect(cfg: GameConfig, defense: DefenseConfig, seed: int, folder: Path, co
         teacher, tok, _ = resolve_model(cfg.teacher, console)
         force_answers(teacher, tok, records)
     n_tok = sum(len(r["tokens"]) for r in records)
+    kl_known = all(r["kl_to_undefended"] is not None for r in records)
     meta = {
         "defense": defense.kind, "params": dict(defense.params), "seed": seed, "traces": len(records),
         "teacher_accuracy": sum(r["correct"] for r in records) / max(len(records), 1),
         "teacher_step_validity": sum(r["step_validity"] for r in records) / max(len(records), 1),
-        "teacher_kl": sum(r["kl_to_undefended"] * len(r["tokens"]) for r in records) / max(n_tok, 1),
+        "teacher_kl": sum(r["kl_to_undefended"] * len(r["tokens"]) for r in records) / max(n_tok, 1)
+        if kl_known else None,
         "teacher_tokens_per_s": summary.get("tokens_per_s"),
         "teacher_tokens": n_tok, "sampling_wall_s": wall,
         "proxy_forwards_per_token": proxy_forwards_per_token(defense), "offline_s": offline_s,
         "answer_forcing": cfg.answer_forcing,
     }
+    if cfg.api is not None:
+        meta["teacher_api"] = f"{cfg.api.model} at {cfg.api.base_url}"
     if cfg.answer_forcing:
         meta["teacher_accuracy_forced"] = sum(check_answer(problems[r["index"]], r["forced_completion"])
                                               for r in records) / max(len(records), 1)
@@ -118,7 +137,112 @@ def collect(cfg: GameConfig, defense: DefenseConfig, seed: int, folder: Path, co
         (tmp / TRACES).write_text("".join(json.dumps(r) + "\n" for r in records))
         atomic_write_json(tmp / META, meta)
     raw.unlink(missing_ok=True)
+    for p in _api_files(raw):
+        p.unlink(missing_ok=True)
     return meta
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Over HTTP
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _api_files(raw: Path) -> tuple[Path, Path]:
+    """The API teacher's own resumable answers (one line per batch) and its file of refused requests."""
+    answers = raw.with_name(raw.name.replace(".raw.jsonl", ".api.jsonl"))
+    return answers, answers.with_name(answers.name + ".errors.jsonl")
+
+
+def teacher_tokenizer(cfg: GameConfig, console: Console):
+    """The tokenizer of the game's (local copy of the) teacher."""
+    from ..models.presets import load_tokenizer
+
+    if cfg.teacher.path is not None:
+        return load_tokenizer(cfg.teacher.path)
+    return load_tokenizer(str(teach(cfg.teacher.teach or TeacherConfig(), console=console).path))
+
+
+def _token_id(name: str) -> int:
+    head, _, tail = name.partition(":")
+    if head != "token_id" or not tail.lstrip("-").isdigit():
+        raise UserError(f"the API returned token {name!r} where a token id was asked for "
+                        "(return_tokens_as_token_ids): it does not support the extension; set api.token_ids: false")
+    return int(tail)
+
+
+def _revealed(v: float) -> float:
+    return float("-inf") if v <= -9999.0 else float(v)  # OpenAI's -9999: a token the distribution excludes
+
+
+def api_traces(cfg: GameConfig, defense: DefenseConfig, seed: int, out: Path, console: Console) -> dict[str, Any]:
+    """Ask the batches of ``run_traces`` (same prompts, same batches, same seeds) of the served teacher whose key
+    applies ``defense``, and write trace records as ``run_traces`` writes them to ``out``. Resumable: the answers
+    are kept, one line per batch, next to ``out`` until the collection is finished."""
+    from ..teachers.api_client import APITeacher
+
+    api = cfg.api
+    assert api is not None
+    key = api.key_for(defense)
+    tok = teacher_tokenizer(cfg, console)
+    problems = game_task(cfg).problems("train", cfg.budget, cfg.prompts.n_ops, seed=cfg.prompts.seed)
+    batches = [list(range(s, min(s + cfg.batch_size, len(problems)))) for s in range(0, len(problems), cfg.batch_size)]
+    items = [{"id": str(b), "prompt": [tok(problems[i].prompt)["input_ids"] for i in idx], "seed": batch_seed(seed, b)}
+             for b, idx in enumerate(batches)]
+    if api.token_ids:
+        top_logprobs = cfg.reveal.top_k or 0
+    else:
+        top_logprobs = None
+    teacher = APITeacher(base_url=api.base_url, api_key=key.token(), model=api.model, chat=False,
+                         max_tokens=cfg.max_new_tokens, temperature=1.0, n=1, top_logprobs=top_logprobs,
+                         concurrency=api.concurrency, max_retries=api.max_retries, timeout=api.timeout,
+                         extra_body={"return_tokens_as_token_ids": True} if api.token_ids else None)
+    answers, errors = _api_files(out)
+    t0 = time.perf_counter()
+    done = teacher.collect(items, answers)
+    seconds = time.perf_counter() - t0
+    where = f"{api.model} at {api.base_url}"
+    if done.stopped:
+        raise UserError(f"collecting traces of {defense.kind} from {where} stopped: {done.stopped}. The answers so "
+                        f"far are kept in {answers}: run the game again to resume")
+    if done.failed:
+        first = json.loads(errors.read_text().splitlines()[-done.failed])
+        hint = (" (every batch of batch_size prompts is one request: raise the server's max_prompts or lower "
+                "batch_size)" if "prompts in one request" in first["error"] else "")
+        raise UserError(f"{where} refused {done.failed} of {len(items)} batches of {defense.kind} traces: "
+                        f"{first['error']}{hint}")
+    by_batch = {int(r["id"]): r for r in read_jsonl(answers)}
+    eos = {tok.eos_token_id}
+    records = []
+    for b, idx in enumerate(batches):
+        answer = by_batch[b]
+        if len(answer["choices"]) != len(idx):
+            raise UserError(f"{where} answered {len(answer['choices'])} completions for {len(idx)} prompts")
+        for i, ch in zip(idx, answer["choices"], strict=True):
+            p, text = problems[i], ch["text"]
+            rec: dict[str, Any] = {"index": i, "prompt": p.prompt, "completion": text, "answer": p.answer,
+                                   "n_ops": p.n_ops, "correct": check_answer(p, text),
+                                   "step_validity": step_validity(text)}
+            if api.token_ids:
+                rec["tokens"] = [_token_id(t) for t in ch["tokens"]]
+                rec["logprobs"] = [_revealed(v) for v in ch["token_logprobs"]]
+            else:  # text only: the tokens as the local tokenizer reads the text (and the EOS it stopped on)
+                rec["tokens"] = tok(text, add_special_tokens=False)["input_ids"] + \
+                    (sorted(eos) if ch["finish_reason"] == "stop" and None not in eos else [])
+                rec["logprobs"] = None
+            rec.update(teacher_logprobs=None, kl_to_undefended=None, defense=defense.kind,
+                       params=dict(defense.params), seed=seed, batch=b, teacher=where)
+            if api.token_ids and cfg.reveal.top_k:
+                rec["top_ids"] = [[_token_id(t) for t, _ in row] for row in ch["top_logprobs"]]
+                rec["top_logprobs"] = [[_revealed(v) for _, v in row] for row in ch["top_logprobs"]]
+            records.append(rec)
+    with open(out, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+    accuracy = sum(r["correct"] for r in records) / max(len(records), 1)
+    console.print(f"[green]{len(records)} traces[/] from {where} ({done.written} of {len(items)} batches asked now): "
+                  f"defense {defense.kind}{defense.params or ''}, accuracy {accuracy:.1%}")
+    n_tokens = sum(len(r["tokens"]) for r in records)
+    return {"traces": len(records), "new": done.written, "accuracy": accuracy,  # throughput: only if all asked now
+            "tokens_per_s": n_tokens / seconds if done.written == len(items) and seconds > 0 else None}
 
 
 def load_traces(folder: Path) -> list[dict[str, Any]]:

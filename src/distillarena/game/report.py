@@ -89,8 +89,8 @@ def entropy_figure(teacher: dict[str, Any], base: dict[str, Any], rows: list[dic
                 kind_of[r["attacker"]] = r["attacker_kind"]
         for i, (att, curves) in enumerate(groups.items()):
             n = len(curves[0])
-            mean = [sum(c[j] for c in curves if _finite(c[j])) / max(1, sum(_finite(c[j]) for c in curves))
-                    for j in range(n)]
+            mean = [sum(c[j] for c in curves if _finite(c[j])) / k if (k := sum(_finite(c[j]) for c in curves))
+                    else float("nan") for j in range(n)]  # positions no problem reaches stay blank
             ax.plot(mean, color=COLORS[i % len(COLORS)], linestyle="--" if kind_of[att] == "passive" else "-",
                     label=att)
         inner = ", ".join(f"{k}={v}" for k, v in sorted(strongest.items()))
@@ -103,12 +103,20 @@ def entropy_figure(teacher: dict[str, Any], base: dict[str, Any], rows: list[dic
 
 def write_report(cfg: GameConfig, out: Path, rows: list[dict[str, Any]], summary_rows: list[dict[str, Any]],
                  summary: dict[str, Any]) -> Path:
+    r = Report("distillarena game")
+    add_game_sections(r, cfg, out, rows, summary_rows, summary)
+    return r.write(Path(out) / "report.html")
+
+
+def add_game_sections(r: Report, cfg: GameConfig, out: Path, rows: list[dict[str, Any]],
+                      summary_rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """The game's sections (frontier, tables, costs, entropies, example traces) appended to ``r``; the demo's
+    report embeds them after its own."""
     import json
 
     from .sweep import UNDEFENDED, defense_label, traces_key
 
     out = Path(out)
-    r = Report("distillarena game")
     base = summary["base"]
     r.text(f"{len(rows)} cells: defenses x strengths x attackers x seeds {cfg.seeds}, budget {cfg.budget} teacher "
            f"queries per cell, student trained {cfg.train.steps} steps. Student accuracy before any trace: "
@@ -159,4 +167,3 @@ def write_report(cfg: GameConfig, out: Path, rows: list[dict[str, Any]], summary
             [[next((t[i]["prompt"].strip() for t in texts if len(t) > i), "")]
              + [(t[i]["completion"].replace("\n", " / ") + (" ✓" if t[i]["correct"] else " ✗")) if len(t) > i
                 else "" for t in texts] for i in range(n)])
-    return r.write(out / "report.html")

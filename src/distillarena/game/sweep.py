@@ -67,11 +67,14 @@ def world_of(cfg: GameConfig) -> dict[str, Any]:
 
 def traces_key(cfg: GameConfig, d: DefenseConfig, seed: int) -> str:
     proxy = d.proxy.model_dump(mode="json") if d.kind in ("poe", "antidistillation") else None
-    return digest({"world": world_of(cfg), "defense": d.kind, "params": d.params, "proxy": proxy,
-                   "holdout_traces": d.holdout_traces if d.kind == "antidistillation" else None, "seed": seed,
-                   "budget": cfg.budget, "prompts": cfg.prompts.model_dump(mode="json"),
-                   "reveal": cfg.reveal.model_dump(mode="json"), "answer_forcing": cfg.answer_forcing,
-                   "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size})
+    what = {"world": world_of(cfg), "defense": d.kind, "params": d.params, "proxy": proxy,
+            "holdout_traces": d.holdout_traces if d.kind == "antidistillation" else None, "seed": seed,
+            "budget": cfg.budget, "prompts": cfg.prompts.model_dump(mode="json"),
+            "reveal": cfg.reveal.model_dump(mode="json"), "answer_forcing": cfg.answer_forcing,
+            "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size}
+    if cfg.api is not None:  # traces collected over HTTP are cached apart from those sampled in process
+        what["api"] = {"base_url": cfg.api.base_url, "model": cfg.api.model, "token_ids": cfg.api.token_ids}
+    return digest(what)
 
 
 def base_key(cfg: GameConfig) -> str:

@@ -1,26 +1,55 @@
-"""``distillarena demo``: the whole story on the built-in world, in one run folder with a report.
+"""``distillarena demo``: the whole story on the built-in world, in one run folder with one report.
 
-Today: train (or reuse) the teacher, evaluate it by difficulty, measure its per-position entropy, and
-write ``report.html``. Distillation and the game join this recipe as they land.
+1. The teacher (trained once, then cached): accuracy by difficulty, per-position entropy.
+2. Distillation: HPD against SFT, SeqKD, one-hot reverse KL and one-hot JSD, each a ``distillarena distill`` run
+   with the same teacher, student, data, steps and seeds.
+3. The game: no defense, temperature and PoE against passive and adaptive students (a ``distillarena game`` run
+   folder).
+4. The four findings, computed from 2 and 3 (:mod:`.findings`), and ``report.html``.
+
+An interrupted demo resumes when rerun on its folder (``--out`` the same folder, ``--overwrite``): finished
+distillation runs (same config) and finished game cells are kept.
+
+Run folder::
+
+    config.yaml  metrics.jsonl  summary.json  report.html
+    distill/<objective>-seed<k>/   one distill run folder each (student/, metrics.jsonl, summary.json)
+    game/                          the game's run folder (its own report.html, results.csv, cells/)
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 from rich.console import Console
 
-from ..config import DemoConfig, dump_config
+from ..config import (
+    CheckpointConfig,
+    DemoConfig,
+    DistillConfig,
+    LoggingConfig,
+    StudentConfig,
+    TeacherSource,
+    dump_config,
+)
 from ..errors import UserError
 from ..evaluate.task_eval import evaluate_problems, per_position_entropy
 from ..models.presets import load_model, load_tokenizer
 from ..paths import JsonlWriter, atomic_write_json, atomic_write_text
 from ..tasks.arithmetic import ArithmeticTask
+from .findings import compute_findings
 from .report import Report
 from .teach import PROBE_DIFFICULTY, TeacherResult, task_config, teach
+
+OBJECTIVE_LABELS = {"hpd": "HPD", "sft": "SFT", "seqkd": "SeqKD (one-hot forward KL)",
+                    "rkl_onehot": "one-hot reverse KL", "jsd_onehot": "one-hot JSD"}
+COLORS = {"hpd": "#cc3311", "sft": "#0077bb", "seqkd": "#33bbee", "rkl_onehot": "#009988", "jsd_onehot": "#ee7733"}
 
 
 def new_run_dir(root: Path, job: str, out: Path | None, overwrite: bool) -> Path:
@@ -32,18 +61,36 @@ def new_run_dir(root: Path, job: str, out: Path | None, overwrite: bool) -> Path
     return out
 
 
+def _clean(x: Any) -> Any:
+    """JSON-safe: NaN and infinities become None."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    return x
+
+
 def run_demo(cfg: DemoConfig, out: Path, console: Console | None = None) -> Path:
     console = console or Console()
     t0 = time.perf_counter()
+    phases: dict[str, float] = {}
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     metrics = JsonlWriter(out / "metrics.jsonl")
 
+    def phase_done(name: str, since: float) -> float:
+        phases[name] = time.perf_counter() - since
+        return time.perf_counter()
+
     console.rule("[bold]1. Teacher")
+    p0 = time.perf_counter()
     teacher = teach(cfg.teacher, console=console)
     for rec in teacher.log:
         metrics.write({"phase": "teacher_train", **rec})
     model = load_model(str(teacher.path))
     tok = load_tokenizer(str(teacher.path))
+    p0 = phase_done("teacher", p0)
 
     console.rule("[bold]2. Teacher evaluation")
     task = ArithmeticTask(task_config(cfg.teacher))
@@ -54,24 +101,131 @@ def run_demo(cfg: DemoConfig, out: Path, console: Console | None = None) -> Path
         console.print(f"  {k} operation(s): accuracy {v['accuracy']:.1%}, step validity "
                       f"{v['step_validity']:.1%} (n={v['n']})")
         metrics.write({"phase": "teacher_eval", "difficulty": k, **v})
-    entropy = per_position_entropy(model, tok, [p for p in test if p.n_ops >= 3])
-    metrics.write({"phase": "teacher_entropy", **entropy})
-    metrics.close()
+    # the entropy probe: 3-operation test problems (most have several valid step orders)
+    probe = task.problems("test", 96, 3, seed=cfg.eval.seed)
+    entropy = per_position_entropy(model, tok, probe)
+    metrics.write({"phase": "teacher_entropy", **_clean(entropy)})
+    p0 = phase_done("teacher_eval", p0)
 
-    summary = {"teacher": str(teacher.path), "teacher_cached": teacher.cached,
-               "teacher_eval": ev.as_dict(), "wall_seconds": time.perf_counter() - t0}
-    atomic_write_json(out / "summary.json", summary)
-    report = build_report(cfg, teacher, ev, entropy, summary)
+    distill_runs: list[dict[str, Any]] = []
+    teacher_heldout_entropy = float("nan")
+    if cfg.distill is not None:
+        console.rule("[bold]3. Distillation: HPD against the baselines")
+        distill_runs = run_distillations(cfg, out / "distill", probe, console)
+        for run in distill_runs:
+            for rec in run["curve"]:
+                metrics.write({"phase": "distill_eval", "objective": run["objective"], "seed": run["seed"], **rec})
+        teacher_heldout_entropy = next((r["final"]["teacher_entropy"] for r in distill_runs
+                                        if "teacher_entropy" in r["final"]), float("nan"))
+        p0 = phase_done("distill", p0)
+
+    game_rows = game_summary = None
+    if cfg.game is not None:
+        console.rule("[bold]4. The distillation game")
+        from ..game.sweep import run_game, table
+
+        game_summary = run_game(cfg.game, out / "game", console=console)
+        game_rows = table(cfg.game, out / "game")
+        for r in game_rows:
+            metrics.write({"phase": "game_cell", **_clean({k: v for k, v in r.items() if k != "student_entropy"})})
+        p0 = phase_done("game", p0)
+
+    console.rule("[bold]5. Findings and report")
+    findings = compute_findings(distill_runs, entropy["multi"][0], teacher_heldout_entropy, game_rows,
+                                game_summary["rows"] if game_summary else None)
+    for f in findings:
+        console.print(f"  {f['number']}. [bold]{f['verdict']}[/]: {f['evidence']}", highlight=False)
+    metrics.close()
+    summary = {"teacher": str(teacher.path), "teacher_cached": teacher.cached, "teacher_eval": ev.as_dict(),
+               "teacher_entropy": entropy,
+               "distill": [{k: v for k, v in r.items() if k != "curve"} for r in distill_runs],
+               "game": game_summary, "findings": findings, "phase_seconds": phases,
+               "wall_seconds": time.perf_counter() - t0}
+    atomic_write_json(out / "summary.json", _clean(summary))
+    report = build_report(cfg, teacher, ev, entropy, distill_runs, findings, summary)
+    if cfg.game is not None:
+        from ..game.report import add_game_sections
+
+        report.heading("The distillation game")
+        report.text(f"Run folder {out / 'game'} (its own report.html and results.csv; rerun with "
+                    f"`distillarena game {out / 'game' / 'config.yaml'} --out {out / 'game'}`).", note=True)
+        add_game_sections(report, cfg.game, out / "game", game_rows, game_summary["rows"], game_summary)
+    report.heading("Run")
+    report.table(["phase", "seconds"], [[k, v] for k, v in phases.items()]
+                 + [["total", time.perf_counter() - t0]])
+    report.code(f"teacher folder: {teacher.path}")
     path = report.write(out / "report.html")
-    console.print(f"[bold green]report[/] {path}  ({summary['wall_seconds']:.0f}s)")
+    console.print(f"[bold green]report[/] {path}  ({time.perf_counter() - t0:.0f}s)")
     return path
 
 
-def build_report(cfg: DemoConfig, teacher: TeacherResult, ev, entropy, summary) -> Report:
+def distill_config(cfg: DemoConfig, objective: str, seed: int, student: StudentConfig) -> DistillConfig:
+    d = cfg.distill
+    return DistillConfig(teacher=TeacherSource(teach=cfg.teacher), student=student, data=d.data,
+                         objective=objective, train=d.train.model_copy(update={"seed": seed}), eval=d.eval,
+                         checkpoint=CheckpointConfig(every=0, keep=1), logging=LoggingConfig(tensorboard=False))
+
+
+def run_distillations(cfg: DemoConfig, root: Path, probe, console: Console) -> list[dict[str, Any]]:
+    """One distill run per (seed, objective); the final student's per-position entropy on ``probe``."""
+    from .distill import run_distill
+
+    student = cfg.distill.student
+    if student is None:
+        if cfg.game is None or cfg.game.student.teach is None and cfg.game.student.path is None:
+            raise UserError("distill.student is null (the game's student) but the game is skipped: give a student")
+        ref = cfg.game.student
+        path = ref.path if ref.path is not None else str(teach(ref.teach, console=console).path)
+        student = StudentConfig(path=path)
+    runs = []
+    for seed in cfg.distill.seeds:
+        for objective in cfg.distill.objectives:
+            label = f"{objective}-seed{seed}"
+            folder = root / label
+            dcfg = distill_config(cfg, objective, seed, student)
+            finished = (folder / "summary.json").is_file() and (folder / "config.yaml").is_file()
+            if finished and (folder / "config.yaml").read_text() == dump_config(dcfg):
+                # a rerun of an interrupted demo (same folder, --overwrite) keeps the runs that finished
+                console.print(f"[green]reusing[/] {folder}")
+                summary = json.loads((folder / "summary.json").read_text())
+            else:
+                console.print(f"[bold]distill[/] {OBJECTIVE_LABELS.get(objective, objective)} (seed {seed})")
+                summary = run_distill(dcfg, folder, overwrite=True, console=console).summary
+            curve = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+            curve = [{k: v for k, v in r.items() if k != "phase"} for r in curve if r.get("phase") == "eval"]
+            model = load_model(summary["student"])
+            tok = load_tokenizer(summary["student"])
+            ent = per_position_entropy(model, tok, probe)
+            runs.append({"objective": objective, "seed": seed, "folder": str(folder), "curve": curve,
+                         "final": summary["eval_final"], "entropy": ent, "first_step_entropy": ent["multi"][0],
+                         "wall_seconds": summary["wall_seconds"]})
+    return runs
+
+
+def _mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    steps = sorted({r["step"] for run in runs for r in run["curve"] if key in r})
+    ys = []
+    for s in steps:
+        vals = [r[key] for run in runs for r in run["curve"] if r["step"] == s and r.get(key) is not None]
+        ys.append(sum(vals) / len(vals) if vals else float("nan"))
+    return steps, ys
+
+
+def build_report(cfg: DemoConfig, teacher: TeacherResult, ev, entropy, distill_runs: list[dict[str, Any]],
+                 findings: list[dict[str, Any]], summary: dict[str, Any]) -> Report:
     r = Report("distillarena demo")
     r.text("The built-in world: arithmetic problems of 1 to 4 operations with a chain of thought. Problems "
            "with independent sub-expressions have several valid step orders and the training data uses them "
-           "at random, so the teacher is multi-modal where the order is chosen.")
+           "at random, so the teacher is multi-modal where the order is chosen. The demo trains that teacher, "
+           "distills it into a small student with HPD and four baselines, and plays the distillation game against "
+           "its defenses.")
+    r.heading("Findings")
+    r.table(["#", "question", "verdict", "seeds", "evidence"],
+            [[f["number"], f["question"], f["verdict"], ", ".join(map(str, f["seeds"])) or "-", f["evidence"]]
+             for f in findings])
+    r.text("Computed from this run's numbers by distillarena.recipes.findings; with one seed they are anecdotes "
+           "(examples/findings.yaml runs three).", note=True)
+
     r.heading("Teacher")
     info = teacher.info
     r.table(["preset", "parameters", "training (s)", f"holdout {PROBE_DIFFICULTY}-op accuracy", "cached"],
@@ -109,7 +263,7 @@ def build_report(cfg: DemoConfig, teacher: TeacherResult, ev, entropy, summary) 
     for key, label in (("multi", "several valid step orders"), ("single", "one valid step order")):
         ax.plot(range(len(entropy[key])), entropy[key], label=label)
     ax.set(xlabel="completion position (tokens)", ylabel="entropy (nats)",
-           title="teacher next-token entropy on 3-4 operation test problems (teacher-forced)")
+           title="teacher next-token entropy on 3-operation test problems (teacher-forced)")
     ax.legend()
     ax.grid(alpha=0.3)
     r.figure(fig, "Peaks where the next step's order is a free choice: the teacher keeps several modes.")
@@ -118,6 +272,61 @@ def build_report(cfg: DemoConfig, teacher: TeacherResult, ev, entropy, summary) 
     r.table(["prompt", "completion", "answer", "correct"],
             [[s["prompt"].strip(), s["completion"].replace("\n", " / "), s["answer"], s["correct"]]
              for s in ev.samples])
-    r.heading("Run")
-    r.code(f"teacher folder: {teacher.path}\nwall time: {summary['wall_seconds']:.0f}s")
+    if distill_runs:
+        distill_sections(r, cfg, distill_runs, entropy)
     return r
+
+
+def distill_sections(r: Report, cfg: DemoConfig, runs: list[dict[str, Any]], teacher_entropy) -> None:
+    d = cfg.distill
+    objectives = list(dict.fromkeys(run["objective"] for run in runs))
+    by = {o: [run for run in runs if run["objective"] == o] for o in objectives}
+    r.heading("Distillation: HPD against SFT, SeqKD, one-hot reverse KL and one-hot JSD")
+    r.text(f"Same teacher, same student ({'the game’s student before any trace' if d.student is None else 'see config'}"
+           f"), same {d.data.train_size} training prefixes of {d.data.task.n_ops}-operation problems, "
+           f"{d.train.steps} steps of batch {d.train.batch_size} at lr {d.train.lr}, seeds {d.seeds}. Held-out: "
+           f"{d.eval.n_problems} problems (greedy accuracy) and {d.eval.n_examples} teacher-forced sequences "
+           "(exact forward and reverse KL over the full vocabulary). Curves are means over seeds.")
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    for o in objectives:
+        for a, key in zip(ax, ("accuracy", "heldout_fkl", "heldout_rkl"), strict=True):
+            xs, ys = _mean_curve(by[o], key)
+            a.plot(xs, ys, "o-", color=COLORS.get(o), label=OBJECTIVE_LABELS.get(o, o), lw=2.5 if o == "hpd" else 1.5)
+    for a, title in zip(ax, ("held-out accuracy (greedy)", "held-out forward KL(teacher || student)",
+                             "held-out reverse KL(student || teacher)"), strict=True):
+        a.set(xlabel="step", title=title)
+        a.grid(alpha=0.3)
+    ax[1].set_yscale("log")
+    ax[2].set_yscale("log")
+    ax[0].legend(fontsize=8)
+    r.figure(fig)
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.plot(teacher_entropy["multi"], color="k", lw=2.5, label="teacher")
+    for o in objectives:
+        curves = [run["entropy"]["multi"] for run in by[o]]
+        mean = [sum(c[i] for c in curves) / len(curves) for i in range(len(curves[0]))]
+        ax.plot(mean, color=COLORS.get(o), label=OBJECTIVE_LABELS.get(o, o), lw=2 if o == "hpd" else 1.2)
+    ax.set(xlabel="completion position (tokens)", ylabel="entropy (nats)",
+           title="next-token entropy on 3-operation problems with several step orders (teacher-forced)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    r.figure(fig, "A student that keeps the teacher's modes keeps its entropy peaks; one that collapses onto one "
+                  "order flattens them (position 0 is the choice of the first step).")
+
+    def ms(vals: list[Any]) -> str:
+        v = [x for x in vals if isinstance(x, int | float) and math.isfinite(x)]
+        if not v:
+            return "n/a"
+        m = sum(v) / len(v)
+        if len(v) == 1:
+            return f"{m:.3f}"
+        return f"{m:.3f} ± {(sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5:.3f}"
+
+    r.table(["objective", "accuracy", "forward KL", "reverse KL", "student entropy", "teacher entropy",
+             "entropy at the order choice", "train + eval (s)"],
+            [[OBJECTIVE_LABELS.get(o, o), ms([x["final"].get("accuracy") for x in by[o]]),
+              ms([x["final"].get("heldout_fkl") for x in by[o]]), ms([x["final"].get("heldout_rkl") for x in by[o]]),
+              ms([x["final"].get("student_entropy") for x in by[o]]),
+              ms([x["final"].get("teacher_entropy") for x in by[o]]), ms([x["first_step_entropy"] for x in by[o]]),
+              ms([x["wall_seconds"] for x in by[o]])] for o in objectives]
+            + [["teacher", "", "", "", "", "", f"{teacher_entropy['multi'][0]:.3f}", ""]])

@@ -17,14 +17,13 @@ import importlib.util
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import DistillConfig, StageConfig, dump_config
 from ..errors import UserError
@@ -32,6 +31,7 @@ from ..models.presets import build_preset, count_parameters, load_model, load_to
 from ..models.tokenizer import task_tokenizer
 from ..objectives import available_objectives, get_objective
 from ..paths import JsonlWriter, atomic_dir, atomic_write_json, atomic_write_text, cache_dir
+from ..progress import progress as progress_bar
 from ..tasks.arithmetic import ArithmeticConfig, ArithmeticTask
 from ..tasks.data import Example, arithmetic_examples, collate, encode_example, load_examples
 from ..teachers import (
@@ -238,6 +238,7 @@ class DataSetup:
     problems: list | None  # built-in held-out problems for accuracy
     max_length: int
     description: str
+    probes: dict[str, list[Encoded]] = field(default_factory=dict)  # more held-out sets (data.probes), by name
 
 
 def max_length_of(cfg: DistillConfig, *models: torch.nn.Module | None) -> int:
@@ -287,7 +288,9 @@ def build_data(cfg: DistillConfig, tok, max_length: int, data_cfg=None) -> DataS
     held_enc = _encode_all(tok, held, max_length, "held-out")
     if not any(lab != -100 for e in train_enc for lab in e.labels[1:]):
         raise UserError("the training dataset has no completion tokens to learn from")
-    return DataSetup(train_enc, held_enc, problems, max_length, desc)
+    probes = {name: _encode_all(tok, load_examples(src, limit=cfg.eval.n_examples), max_length, f"probe {name!r}")
+              for name, src in d.probes.items()} if cfg.eval.n_examples else {}
+    return DataSetup(train_enc, held_enc, problems, max_length, desc, probes)
 
 
 def check_generation_fits(data: DataSetup, stages: list[Stage], max_new_tokens: int) -> None:
@@ -353,6 +356,10 @@ def evaluate_student(student: torch.nn.Module, tok, teacher: TeacherSetup, data:
         batches = [collate([(e.ids, e.labels) for e in data.heldout[i:i + batch_size]], pad)
                    for i in range(0, len(data.heldout), batch_size)]
         rec.update(heldout_divergences(student, teacher.model, batches))
+    for name, probe in (data.probes if teacher.model is not None else {}).items():
+        batches = [collate([(e.ids, e.labels) for e in probe[i:i + batch_size]], pad)
+                   for i in range(0, len(probe), batch_size)]
+        rec.update({f"{name}/{k}": v for k, v in heldout_divergences(student, teacher.model, batches).items()})
     if data.problems:
         was = student.training
         ev = evaluate_problems(student, tok, data.problems, max_new_tokens=cfg.eval.max_new_tokens)
@@ -380,11 +387,6 @@ def _trackers(cfg: DistillConfig) -> list[str]:
             raise UserError("logging.wandb: true needs the wandb package (pip install wandb)")
         out.append("wandb")
     return out
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.fields[status]}"), console=console, transient=False)
 
 
 def _scalars(d: dict[str, Any], prefix: str = "") -> dict[str, float | int | str | bool]:
@@ -527,7 +529,7 @@ def run_distill(cfg: DistillConfig, out: Path, *, resume: bool = False, overwrit
 
     initial = evaluate(0, student) if resuming_from is None else {}
     start = int(resuming_from.name.split("-")[1]) if resuming_from else 0
-    with (_progress(console) if main else _NullProgress()) as progress:
+    with (progress_bar(console) if main else _NullProgress()) as progress:
         task = progress.add_task("distill", total=loop.steps, status="", completed=start)
 
         def on_log(s: StepLog) -> None:
@@ -634,7 +636,7 @@ def run_cache_teacher(cfg: DistillConfig, out: Path, *, k: int = 128, bits: int 
         check_generation_fits(data, [Stage(1, 1, "sft", seq_kd=True)], cfg.max_new_tokens)
         pool, _ = seq_kd_pool(local, pool, cfg, accelerator, console)
     t0 = time.perf_counter()
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         stats = build_topk_cache(
             out, local, [(e.ids, e.labels) for e in pool], weights=[e.weight for e in pool], k=k, bits=bits,
             teacher_id=model_fingerprint(local.model),

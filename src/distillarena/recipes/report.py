@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,9 +19,9 @@ from ..paths import atomic_write_text  # noqa: E402
 STYLE = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
-th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
-.note{color:#555;font-size:.92em}.fig{display:inline-block;margin:.4em}pre{background:#f7f7f7;padding:.6em;
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;
+vertical-align:top}th{background:#f4f4f4}td.n{text-align:right;white-space:nowrap}
+.note{color:#555;font-size:.92em}.fig{display:inline-block;margin:.4em;max-width:100%}img{max-width:100%}pre{background:#f7f7f7;padding:.6em;
 overflow-x:auto;font-size:.85em}
 """
 
@@ -51,10 +52,14 @@ class Report:
 
     def table(self, header: list[str], rows: list[list[object]]) -> None:
         def cell(v: object) -> str:
-            return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+            if v is None or (isinstance(v, float) and not math.isfinite(v)):
+                return "<td class='n'>–</td>"  # undefined (e.g. a recovery with no gain to recover)
+            if isinstance(v, int | float) and not isinstance(v, bool):  # numbers right-aligned, text left
+                return f"<td class='n'>{v:.3f}</td>" if isinstance(v, float) else f"<td class='n'>{v}</td>"
+            return f"<td>{html.escape(str(v))}</td>"
 
         head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+        body = "".join("<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in rows)
         self.parts.append(f"<table><tr>{head}</tr>{body}</table>")
 
     def code(self, text: str) -> None:

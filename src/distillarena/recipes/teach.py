@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import TeacherConfig
 from ..evaluate.task_eval import evaluate_problems
 from ..models.presets import build_preset, count_parameters
 from ..models.tokenizer import task_tokenizer
 from ..paths import atomic_dir, atomic_write_json, cache_dir
+from ..progress import progress
 from ..tasks.arithmetic import ArithmeticConfig, ArithmeticTask
 from ..tasks.data import arithmetic_stream, collate, encode_example
 from ..train.loop import LoopConfig, StepLog, causal_lm_loss_sum, train
@@ -51,12 +51,6 @@ def tokenizer_id() -> str:
 
 def teacher_dir(cfg: TeacherConfig) -> Path:
     return cache_dir() / "teachers" / f"{cfg.preset}-{cfg.cache_key(tokenizer_id())}"
-
-
-def progress_bar(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console,
-                    transient=False)
 
 
 def teach(cfg: TeacherConfig, *, force: bool = False, console: Console | None = None) -> TeacherResult:
@@ -97,19 +91,19 @@ def teach(cfg: TeacherConfig, *, force: bool = False, console: Console | None = 
         records.append(rec)
         return rec
 
-    with progress_bar(console) as progress:
-        task_id = progress.add_task(f"teacher {cfg.preset} ({count_parameters(model) / 1e6:.2f}M)",
+    with progress(console) as bar:
+        task_id = bar.add_task(f"teacher {cfg.preset} ({count_parameters(model) / 1e6:.2f}M)",
                                     total=cfg.train.steps, status="")
 
         def on_log(s: StepLog) -> None:
             records.append({"step": s.step, "loss": s.loss, "lr": s.lr, "tokens": s.tokens,
                             "tokens_per_s": s.tokens_per_s, "elapsed_s": s.elapsed_s})
-            progress.update(task_id, completed=s.step,
+            bar.update(task_id, completed=s.step,
                             status=f"loss {s.loss:.3f}  {s.tokens_per_s:,.0f} tok/s")
 
         def on_eval(step: int) -> dict[str, Any]:
             rec = probe_accuracy(step)
-            progress.update(task_id, status=f"holdout {PROBE_DIFFICULTY}-op acc {rec['holdout_accuracy']:.1%}")
+            bar.update(task_id, status=f"holdout {PROBE_DIFFICULTY}-op acc {rec['holdout_accuracy']:.1%}")
             return rec
 
         loop = LoopConfig(steps=cfg.train.steps, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
@@ -117,7 +111,7 @@ def teach(cfg: TeacherConfig, *, force: bool = False, console: Console | None = 
                           grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm,
                           log_every=cfg.train.log_every, eval_every=cfg.train.eval_every)
         model = train(model, batches(), causal_lm_loss_sum, loop, on_log=on_log, on_eval=on_eval)
-        progress.update(task_id, completed=cfg.train.steps)
+        bar.update(task_id, completed=cfg.train.steps)
     final = probe_accuracy(cfg.train.steps)
     info = {
         "config": cfg.model_dump(), "preset": cfg.preset, "parameters": count_parameters(model),

@@ -59,6 +59,11 @@ def build_defense(cfg: DefenseConfig, teacher: torch.nn.Module, tokenizer, task:
                         proxy_tokenizer=proxy_tok, gradient=gradient)
 
 
+def batch_seed(seed: int, batch: int) -> int:
+    """The generator seed of batch ``batch`` (shared with the game's collection over HTTP, which sends it)."""
+    return seed * 1_000_003 + batch
+
+
 def run_traces(cfg: TracesConfig, out: Path, console: Console | None = None) -> dict[str, Any]:
     console = console or Console()
     out = Path(out)
@@ -83,7 +88,7 @@ def run_traces(cfg: TracesConfig, out: Path, console: Console | None = None) -> 
             if all(i in done for i in idx):
                 continue
             enc = tok([problems[i].prompt for i in idx], return_tensors="pt", padding=True)
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + b)
+            gen = torch.Generator().manual_seed(batch_seed(cfg.seed, b))
             res = policy.sample(teacher, enc["input_ids"], enc["attention_mask"],
                                 max_new_tokens=cfg.max_new_tokens, generator=gen, reveal=reveal,
                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

@@ -15,6 +15,10 @@ Every request to a generation endpoint gets one ledger row, rejected ones includ
 token names an existing key). A client that disconnects mid-generation does not leak its reservation: the
 generation and settlement run in a task shielded from the request's cancellation.
 
+**Token ids** (``return_tokens_as_token_ids: true``, vLLM's extension, both endpoints): revealed tokens and
+alternatives are written ``token_id:<id>`` instead of their text, and the log-probs cover every generated token, the
+EOS that ended the completion included (its text is empty), so a client can rebuild the exact sampled sequence.
+
 Streaming (``stream: true``, chat and completions) is sent as server-sent events in OpenAI's chunk shapes, ending
 with ``data: [DONE]``. The sampler has no per-token callback, so the whole completion is generated first and then
 sent token by token: time to first token equals the full latency (see the report of issue 7).
@@ -115,6 +119,7 @@ class _Plan:
     include_usage: bool
     chat: bool
     logprobs: int | None
+    token_ids: bool = False  # name tokens token_id:<id> (and reveal the EOS too)
 
 
 def _bearer(request: Request) -> str | None:
@@ -385,9 +390,10 @@ def create_app(engine: Engine, store: Store, config: ServeConfig | None = None, 
         temperature = 1.0 if body.temperature is None else float(body.temperature)
         job = GenJob(prompts=prompts, n=n, max_tokens=max_tokens, temperature=temperature,
                      top_p=None if body.top_p is None else float(body.top_p), stop=tuple(stop), seed=body.seed,
-                     logprobs=logprobs, policy=policy)
+                     logprobs=logprobs, policy=policy, all_tokens=bool(body.return_tokens_as_token_ids))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _Plan(job=job, stream=bool(body.stream), include_usage=include_usage, chat=chat, logprobs=logprobs)
+        return _Plan(job=job, stream=bool(body.stream), include_usage=include_usage, chat=chat, logprobs=logprobs,
+                     token_ids=bool(body.return_tokens_as_token_ids))
 
     def _completion_prompts(prompt) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -426,12 +432,13 @@ def create_app(engine: Engine, store: Store, config: ServeConfig | None = None, 
             if plan.chat:
                 choices = [{"index": i, "message": {"role": "assistant", "content": s.text, "refusal": None},
                             "logprobs": None if plan.logprobs is None else
-                            {"content": _chat_logprobs(s, 0, s.shown), "refusal": None},
+                            {"content": _chat_logprobs(plan, s, 0, _revealed(s)), "refusal": None},
                             "finish_reason": s.finish_reason} for i, s in enumerate(result.sequences)]
                 body = {**base, "object": "chat.completion", "choices": choices, "usage": usage}
             else:
                 choices = [{"index": i, "text": s.text,
-                            "logprobs": None if plan.logprobs is None else _completion_logprobs(s, 0, s.shown),
+                            "logprobs": None if plan.logprobs is None else
+                            _completion_logprobs(plan, s, 0, _revealed(s)),
                             "finish_reason": s.finish_reason} for i, s in enumerate(result.sequences)]
                 body = {**base, "object": "text_completion", "choices": choices, "usage": usage}
             return JSONResponse(body, headers=headers)
@@ -450,14 +457,15 @@ def create_app(engine: Engine, store: Store, config: ServeConfig | None = None, 
             if plan.chat:
                 yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
-            for t in range(s.shown):
+            for t in range(s.shown if plan.logprobs is None else _revealed(s)):
                 end = s.offsets[t + 1] if t + 1 < s.shown else len(s.text)
-                piece = s.text[s.offsets[t]:end]
+                piece = s.text[s.offsets[t]:end] if t < s.shown else ""
                 if plan.chat:
-                    lp = None if plan.logprobs is None else {"content": _chat_logprobs(s, t, t + 1), "refusal": None}
+                    lp = None if plan.logprobs is None else \
+                        {"content": _chat_logprobs(plan, s, t, t + 1), "refusal": None}
                     yield event([{"index": i, "delta": {"content": piece}, "logprobs": lp, "finish_reason": None}])
                 else:
-                    lp = None if plan.logprobs is None else _completion_logprobs(s, t, t + 1)
+                    lp = None if plan.logprobs is None else _completion_logprobs(plan, s, t, t + 1)
                     yield event([{"index": i, "text": piece, "logprobs": lp, "finish_reason": None}])
             if plan.chat:
                 yield event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": s.finish_reason}])
@@ -467,32 +475,40 @@ def create_app(engine: Engine, store: Store, config: ServeConfig | None = None, 
             yield "data: " + json.dumps({**base, "object": obj, "choices": [], "usage": usage}) + "\n\n"
         yield "data: [DONE]\n\n"
 
-    def _token(tid: int) -> tuple[str, list[int]]:
-        return engine.tokens.strings[tid], list(engine.tokens.bytes[tid])
+    def _revealed(s: GenSequence) -> int:
+        """Tokens with revealed log-probs: those shown, or every generated one (token ids)."""
+        return len(s.logprobs) if s.logprobs is not None else s.shown
 
-    def _chat_logprobs(s: GenSequence, start: int, stop: int) -> list[dict]:
+    def _name(plan: _Plan, tid: int) -> str:
+        return f"token_id:{tid}" if plan.token_ids else engine.tokens.strings[tid]
+
+    def _token(plan: _Plan, tid: int) -> tuple[str, list[int]]:
+        return _name(plan, tid), list(engine.tokens.bytes[tid])
+
+    def _chat_logprobs(plan: _Plan, s: GenSequence, start: int, stop: int) -> list[dict]:
         out = []
         for t in range(start, stop):
-            tok, raw = _token(s.token_ids[t])
+            tok, raw = _token(plan, s.token_ids[t])
             alts = []
             for tid, v in (s.top[t] if s.top else []):
-                atok, araw = _token(tid)
+                atok, araw = _token(plan, tid)
                 alts.append({"token": atok, "logprob": v, "bytes": araw})
             out.append({"token": tok, "logprob": s.logprobs[t], "bytes": raw, "top_logprobs": alts})
         return out
 
-    def _completion_logprobs(s: GenSequence, start: int, stop: int) -> dict:
-        tokens = [engine.tokens.strings[s.token_ids[t]] for t in range(start, stop)]
+    def _completion_logprobs(plan: _Plan, s: GenSequence, start: int, stop: int) -> dict:
+        tokens = [_name(plan, s.token_ids[t]) for t in range(start, stop)]
         top = None
         if s.top is not None:
             top = []
             for t in range(start, stop):
                 alts: dict[str, float] = {}
                 for tid, v in s.top[t]:  # best first; two ids with the same text keep the better one
-                    alts.setdefault(engine.tokens.strings[tid], v)
+                    alts.setdefault(_name(plan, tid), v)
                 top.append(alts)
+        offsets = [s.offsets[t] if t < s.shown else len(s.text) for t in range(start, stop)]
         return {"tokens": tokens, "token_logprobs": s.logprobs[start:stop], "top_logprobs": top,
-                "text_offset": s.offsets[start:stop]}
+                "text_offset": offsets}
 
     return app
 

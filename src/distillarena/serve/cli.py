@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from distillarena.config import format_validation_error
 from distillarena.errors import UserError
-from distillarena.serve.config import DEFENSES, STRENGTH, PolicyConfig, ServeConfig, load_serve_config
+from distillarena.serve.config import DEFENSES, PARAMS, STRENGTH, PolicyConfig, ServeConfig, load_serve_config
 
 
 def add_serve_commands(subparsers) -> None:
@@ -47,9 +47,13 @@ def add_serve_commands(subparsers) -> None:
     c.add_argument("--rate", type=_rate, default=_UNSET, help="rate limit in requests per minute ('none': "
                    "unlimited)")
     c.add_argument("--burst", type=float, help="token-bucket size of the rate limit (default: one minute's worth)")
-    c.add_argument("--defense", choices=DEFENSES, help="defense applied to this key's generations")
-    c.add_argument("--strength", type=float, help="the defense's parameter: " + "; ".join(
-        f"{d}: {STRENGTH[d][0]}" for d in DEFENSES if d != "none"))
+    c.add_argument("--defense", choices=DEFENSES, help="defense applied to this key's generations (the kinds of "
+                   "a game config's defenses)")
+    c.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a parameter of the defense, as in a game config (repeatable): " + "; ".join(
+                       f"{d}: {', '.join(PARAMS[d])}" for d in DEFENSES))
+    c.add_argument("--strength", type=float, help="shorthand for the defense's main parameter: " + "; ".join(
+        f"{d}: {name}, {meaning}" for d, (name, meaning) in STRENGTH.items()))
     c.add_argument("--no-logprobs", action="store_true", help="reveal text only (log-prob requests get a 400)")
     c.add_argument("--top-logprobs", type=int, help="cap on revealed alternatives per token (0-20)")
     c.add_argument("--decimals", type=int, help="round revealed log-probs to this many decimals")
@@ -146,7 +150,12 @@ def _policy(cfg: ServeConfig, args: argparse.Namespace) -> PolicyConfig:
     data = cfg.default_policy.model_dump()
     if args.defense is not None:
         data["defense"] = args.defense
-        data["strength"] = None
+        data["params"] = {}
+    for item in args.param:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise UserError(f"--param takes NAME=VALUE, got {item!r}")
+        data["params"] = {**data["params"], name.strip(): _param_value(value.strip())}
     for flag, name in (("strength", "strength"), ("top_logprobs", "max_top_logprobs"), ("decimals", "decimals"),
                        ("noise", "noise_std")):
         if getattr(args, flag) is not None:
@@ -157,6 +166,15 @@ def _policy(cfg: ServeConfig, args: argparse.Namespace) -> PolicyConfig:
         return PolicyConfig.model_validate(data)
     except ValidationError as e:
         raise UserError(f"invalid key policy:\n{format_validation_error(e)}") from None
+
+
+def _param_value(text: str) -> int | float | str:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _cmd_keys_create(args: argparse.Namespace) -> None:

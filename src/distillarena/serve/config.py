@@ -16,66 +16,143 @@ from pydantic import Field, model_validator
 from distillarena.config import Strict, load_config
 from distillarena.errors import UserError
 
-DEFENSES = ("none", "poe", "antidistillation", "temperature", "top_k", "top_p")
-# what ``strength`` means for each defense, and its default
-STRENGTH = {
-    "none": ("unused", None),
-    "poe": ("gamma in [0, 1]: (1 - gamma) z_teacher + gamma z_proxy", 0.5),
-    "antidistillation": ("lambda (finite): z / tau + lambda * b", 0.1),
-    "temperature": ("tau > 0: the teacher's logits divided by tau before the client's own temperature", 2.0),
-    "top_k": ("k >= 1: only the k most likely tokens can be sampled", 5.0),
-    "top_p": ("p in (0, 1]: nucleus truncation before the client's own top_p", 0.9),
+# The defense kinds and their parameters are those of ``distillarena.defenses.policy.build_policy`` (and of the
+# game's ``DefenseConfig``), so a game defense is exactly a key policy: ``{kind: poe, params: {gamma: 0.4}}`` in a
+# game config is ``{defense: poe, params: {gamma: 0.4}}`` here. (Listed here rather than imported, so that the key
+# commands do not import torch; a test checks the two agree.)
+DEFENSES = ("none", "temperature", "truncation", "poe", "antidistillation")
+PARAMS: dict[str, tuple[str, ...]] = {
+    "none": ("temperature",),
+    "temperature": ("temperature",),
+    "truncation": ("temperature", "top_k", "top_p"),
+    "poe": ("temperature", "gamma"),
+    "antidistillation": ("temperature", "lam", "method", "eps", "normalize"),
 }
+# ``--strength`` / ``strength:``: shorthand for each kind's main parameter
+STRENGTH = {
+    "temperature": ("temperature", "tau > 0: softmax(z / tau)"),
+    "poe": ("gamma", "gamma in [0, 1]: (1 - gamma) z_teacher + gamma z_proxy (default 0.5)"),
+    "antidistillation": ("lam", "lambda (finite): z / tau + lambda * b (default 0)"),
+}
+# the kinds and defaults of the policy format before it took build_policy's names (keys stored then still load)
+_LEGACY = {"top_k": ("truncation", "top_k", 5), "top_p": ("truncation", "top_p", 0.9),
+           "temperature": ("temperature", "temperature", 2.0), "poe": ("poe", "gamma", 0.5),
+           "antidistillation": ("antidistillation", "lam", 0.1)}
+
+
+def defense_label(kind: str, params: dict) -> str:
+    """``kind(name=value, ...)``: the game's label of a defense (``game.sweep.defense_label``), also the ledger's."""
+    inner = ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
+    return f"{kind}({inner})" if inner else kind
+
+
+def check_defense_params(kind: str, params: dict) -> None:
+    """Raise ValueError unless ``params`` are parameters of ``kind`` with valid values (what build_policy and the
+    processors would refuse later)."""
+    unknown = sorted(set(params) - set(PARAMS[kind]))
+    if unknown:
+        raise ValueError(f"defense {kind!r} does not take {', '.join(unknown)}; its parameters are "
+                         f"{', '.join(PARAMS[kind])}")
+
+    def number(name: str) -> float | None:
+        if name not in params:
+            return None
+        v = params[name]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise ValueError(f"{kind} {name} must be a finite number, got {v!r}")
+        return float(v)
+
+    t = number("temperature")
+    if t is not None and not t > 0:
+        raise ValueError(f"{kind} temperature must be > 0, got {t:g}")
+    g = number("gamma")
+    if g is not None and not 0.0 <= g <= 1.0:
+        raise ValueError(f"poe gamma must be in [0, 1], got {g:g}")
+    number("lam")
+    k = number("top_k")
+    if k is not None and (k < 1 or int(k) != k):
+        raise ValueError(f"truncation top_k must be an integer >= 1, got {k:g}")
+    p = number("top_p")
+    if p is not None and not 0.0 < p <= 1.0:
+        raise ValueError(f"truncation top_p must be in (0, 1], got {p:g}")
+    e = number("eps")
+    if e is not None and not e > 0:
+        raise ValueError(f"antidistillation eps must be > 0, got {e:g}")
+    if params.get("method", "fd") not in ("fd", "jvp"):
+        raise ValueError(f"antidistillation method must be 'fd' or 'jvp', got {params['method']!r}")
+    if params.get("normalize", "unit") not in ("unit", "none"):
+        raise ValueError(f"antidistillation normalize must be 'unit' or 'none', got {params['normalize']!r}")
 
 
 class PolicyConfig(Strict):
     """What one API key gets: a defense applied while sampling, and what is revealed about each token.
 
-    The policy is copied into the key's row when the key is created, so the same key always gets the same policy
-    (changing the server's default later does not change existing keys).
+    ``defense`` and ``params`` are a defense kind and its parameters exactly as the game's ``DefenseConfig`` and
+    ``distillarena.defenses.policy.build_policy`` name them (``none``, ``temperature``, ``truncation``, ``poe``,
+    ``antidistillation``; ``temperature``, ``top_k``, ``top_p``, ``gamma``, ``lam``, ``method``, ``eps``,
+    ``normalize``); a parameter left out takes build_policy's default. With the request's own ``temperature`` 1 and
+    no ``top_p``, a key samples exactly what ``build_policy(defense, params).sample`` samples in process. The
+    request's temperature and top_p come after the defense (a defense temperature tau and a request temperature t
+    give ``softmax(z / tau / t)``).
+
+    ``strength`` is shorthand for the kind's main parameter (``STRENGTH``): ``{defense: poe, strength: 0.4}`` is
+    ``{defense: poe, params: {gamma: 0.4}}``. The policy is copied into the key's row when the key is created, so the
+    same key always gets the same policy (changing the server's default later does not change existing keys).
     """
 
-    defense: Literal["none", "poe", "antidistillation", "temperature", "top_k", "top_p"] = "none"
-    strength: float | None = Field(None, description="the defense's parameter (see STRENGTH); None: its default")
+    defense: Literal["none", "temperature", "truncation", "poe", "antidistillation"] = "none"
+    params: dict[str, float | int | str] = Field(default_factory=dict, description=(
+        "the defense's parameters, as in a game config's defenses (see PARAMS)"))
     logprobs: bool = Field(True, description="reveal log-probs at all (False: text only; asking for them is a 400)")
     max_top_logprobs: int = Field(5, ge=0, le=20, description="cap on top_logprobs / completions logprobs")
     decimals: int | None = Field(None, ge=0, le=10, description="round revealed log-probs to this many decimals")
     noise_std: float = Field(0.0, ge=0.0, description="Gaussian noise added to revealed log-probs (before rounding)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _strength(cls, data):
+        """``strength`` (and the earlier kinds ``top_k`` / ``top_p`` of stored keys) into ``params``."""
+        if not isinstance(data, dict) or ("strength" not in data and data.get("defense") not in ("top_k", "top_p")):
+            return data
+        data = dict(data)
+        strength = data.pop("strength", None)
+        kind = data.get("defense", "none")
+        if kind in ("top_k", "top_p") or (strength is None and kind in _LEGACY and "params" not in data):
+            # a key stored by the earlier format: {defense, strength (None: that format's default)}
+            kind, name, default = _LEGACY[kind]
+            data["defense"] = kind
+            if strength is None:
+                strength = default
+        elif strength is None:
+            return data
+        elif kind in STRENGTH:
+            name = STRENGTH[kind][0]
+        else:
+            raise ValueError(f"strength is shorthand for the main parameter of {', '.join(STRENGTH)}; "
+                             f"give {kind!r} its params instead")
+        params = dict(data.get("params") or {})
+        if name in params:
+            raise ValueError(f"give {name} once: as strength or in params")
+        if isinstance(strength, float) and name == "top_k" and strength.is_integer():
+            strength = int(strength)
+        params[name] = strength
+        data["params"] = params
+        return data
+
     @model_validator(mode="after")
-    def _check_strength(self) -> PolicyConfig:
-        s = self.resolved_strength
-        d = self.defense
+    def _check(self) -> PolicyConfig:
         if not math.isfinite(self.noise_std):
             raise ValueError("noise_std must be finite")
-        if d == "none":
-            return self
-        if s is None or not math.isfinite(s):
-            raise ValueError(f"{d} needs a finite strength")
-        if d == "poe" and not 0.0 <= s <= 1.0:
-            raise ValueError(f"poe strength (gamma) must be in [0, 1], got {s}")
-        if d == "temperature" and not s > 0:
-            raise ValueError(f"temperature strength (tau) must be > 0, got {s}")
-        if d == "top_k" and (s < 1 or int(s) != s):
-            raise ValueError(f"top_k strength (k) must be an integer >= 1, got {s}")
-        if d == "top_p" and not 0.0 < s <= 1.0:
-            raise ValueError(f"top_p strength (p) must be in (0, 1], got {s}")
+        check_defense_params(self.defense, self.params)
         return self
-
-    @property
-    def resolved_strength(self) -> float | None:
-        return STRENGTH[self.defense][1] if self.strength is None else float(self.strength)
 
     @property
     def needs_proxy(self) -> bool:
         return self.defense in ("poe", "antidistillation")
 
     def label(self) -> str:
-        """Short text for the ledger: ``none``, ``poe:0.5``, ..."""
-        if self.defense == "none":
-            return "none"
-        s = self.resolved_strength
-        return f"{self.defense}:{int(s) if self.defense == 'top_k' else s:g}"
+        """The ledger's and the game's label: ``none``, ``poe(gamma=0.5)``, ..."""
+        return defense_label(self.defense, self.params)
 
 
 class BatchingConfig(Strict):
@@ -101,7 +178,8 @@ class ServeConfig(Strict):
     model_name: str | None = Field(None, description="the id clients pass as `model`; None: the folder's name")
     proxy: str | None = Field(None, description="proxy student for poe / antidistillation policies")
     proxy_gradient: str | None = Field(None, description="proxy gradient file for antidistillation policies")
-    antidistillation_method: Literal["fd", "jvp"] = "fd"
+    antidistillation_method: Literal["fd", "jvp"] = Field("fd", description=(
+        "method of antidistillation keys whose params do not name one (build_policy's default is fd)"))
     store: str | None = Field(None, description="SQLite file of keys and ledger; None: <cache>/serve/store.sqlite")
     synchronous: Literal["normal", "full"] = Field(
         "normal", description="SQLite synchronous mode: normal survives a crash of the server, full a power loss")
@@ -111,7 +189,8 @@ class ServeConfig(Strict):
     default_max_tokens: int = Field(16, ge=1, description="max_tokens of /v1/completions when not given (OpenAI's); "
                                     "at most max_tokens_cap")
     max_n: int = Field(8, ge=1, le=128)
-    max_prompts: int = Field(16, ge=1, description="prompts in one /v1/completions request at most")
+    max_prompts: int = Field(64, ge=1, description="prompts in one /v1/completions request at most (a game over "
+                             "HTTP sends its batch_size, 64 by default, in one request)")
     default_policy: PolicyConfig = Field(default_factory=PolicyConfig)
     key_defaults: KeyDefaults = Field(default_factory=KeyDefaults)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
@@ -140,5 +219,5 @@ def load_serve_config(path: str | Path | None) -> ServeConfig:
     return load_config(path, ServeConfig)
 
 
-__all__ = ["DEFENSES", "STRENGTH", "BatchingConfig", "KeyDefaults", "PolicyConfig", "ServeConfig",
-           "load_serve_config"]
+__all__ = ["DEFENSES", "PARAMS", "STRENGTH", "BatchingConfig", "KeyDefaults", "PolicyConfig", "ServeConfig",
+           "check_defense_params", "defense_label", "load_serve_config"]

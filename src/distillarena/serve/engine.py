@@ -13,7 +13,7 @@ as they are answered are sampled together instead of in the halves in which thei
 
 The sampler takes one temperature, top-p,
 stop list, processor chain and generator per call, so compatible means: same temperature, top_p, stop strings and
-defense (kind and strength). ``max_tokens`` may differ: the batch runs to the largest, and each row is cut at its
+defense (kind and parameters). ``max_tokens`` may differ: the batch runs to the largest, and each row is cut at its
 own request's ``max_tokens`` (tokens past it are sampled, discarded, and neither returned nor counted). Log-prob
 reveal may differ too: the sampler reveals the largest top-k asked for in the batch and each row keeps its own k
 (top-k of a sorted top-k' is exact), then its key's policy adds noise and rounds.
@@ -21,6 +21,14 @@ reveal may differ too: the sampler reveals the largest top-k asked for in the ba
 **Seeds.** A request with ``seed`` runs in a batch of its own (its ``n`` rows per prompt) with a generator seeded by
 it, so the same request with the same seed gets the same tokens and the same revealed log-probs (also when other
 clients are active). Requests without a seed share batches and draw from the worker's global generator.
+
+**The same sampler call as in process.** A key's defense is built by
+:func:`distillarena.defenses.policy.build_policy` from the key's ``defense`` and ``params``, and its chain is the
+chain ``DecodingPolicy.sample`` runs (the defense's processors, then its temperature / top-k / top-p), followed by
+the request's temperature and top_p. A seeded ``/v1/completions`` request whose prompts are token ids, at
+temperature 1 with no top_p, is therefore exactly the call ``DecodingPolicy.sample(model, ids, mask,
+generator=torch.Generator().manual_seed(seed), ...)`` on those prompts left-padded together: the same tokens and
+the same log-probs, bit for bit. The game relies on this to play over HTTP (``distillarena.game.collect``).
 
 **Reveal.** Log-probs are those of the distribution actually sampled (after the key's defense and the request's
 temperature / top_p), as the sampler records them; a token that distribution excludes has log-prob -inf, which the
@@ -72,6 +80,7 @@ class GenJob:
     seed: int | None = None
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-prob and k alternatives
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    all_tokens: bool = False  # reveal every generated token (the EOS too), not only those whose text is shown
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -82,7 +91,7 @@ class GenJob:
     def group(self) -> tuple:
         top_p = None if self.top_p is None or self.top_p >= 1.0 else float(self.top_p)
         alone = id(self) if self.seed is not None else None
-        return (float(self.temperature), top_p, self.stop, self.policy.defense, self.policy.resolved_strength, alone)
+        return (float(self.temperature), top_p, self.stop, self.policy.label(), alone)
 
 
 @dataclass
@@ -94,8 +103,8 @@ class GenSequence:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     shown: int  # the first `shown` tokens are those whose text is in `text` (EOS, and what a stop string cut, are not)
     offsets: list[int]  # start of each shown token in `text`
-    logprobs: list[float] | None = None  # revealed log-prob of each shown token
-    top: list[list[tuple[int, float]]] | None = None  # revealed alternatives of each shown token
+    logprobs: list[float] | None = None  # revealed log-prob of each shown token (each token, with all_tokens)
+    top: list[list[tuple[int, float]]] | None = None  # revealed alternatives of the same tokens
 
 
 @dataclass
@@ -112,8 +121,10 @@ class TokenTable:
     def __init__(self, tokenizer, vocab_size: int):
         self.tokenizer = tokenizer
         n = len(tokenizer)
-        self.special = set(tokenizer.all_special_ids)
-        added = {i: t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+        decoder_added = getattr(tokenizer, "added_tokens_decoder", {})
+        # what decode(skip_special_tokens=True) skips: the named special tokens and every added token marked special
+        self.special = set(tokenizer.all_special_ids) | {i for i, t in decoder_added.items() if t.special}
+        added = {i: t.content for i, t in decoder_added.items()}
         pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
         decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
         table = _byte_decoder()
@@ -172,11 +183,13 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, *, model_name: str = "teacher", proxy=None, proxy_gradient: str | None = None,
-                 antidistillation_method: str = "fd", max_batch_size: int = 16, max_wait_ms: float = 50.0):
+                 antidistillation_method: str = "fd", max_batch_size: int = 16, max_wait_ms: float = 50.0,
+                 proxy_tokenizer=None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.proxy = None if proxy is None else proxy.eval()
+        self.proxy_tokenizer = proxy_tokenizer  # None: the teacher's
         self.proxy_gradient = proxy_gradient
         self.antidistillation_method = antidistillation_method
         self.max_batch_size = int(max_batch_size)
@@ -194,7 +207,7 @@ class Engine:
         self._queue: queue.Queue[GenJob | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._adp_cache: dict = {}
+        self._policies: dict = {}
         self._active = 0  # requests inside the API layer (see tracking())
         self._peaks: deque[tuple[float, int]] = deque()
         self._active_lock = threading.Lock()
@@ -208,17 +221,18 @@ class Engine:
         path = cfg.model_path()
         model, tok = load_model(path), load_tokenizer(path)
         proxy = load_model(cfg.proxy) if cfg.proxy else None
+        proxy_tok = load_tokenizer(cfg.proxy) if cfg.proxy else None
         if proxy is not None:
             from distillarena.defenses import check_same_vocabulary
 
-            check_same_vocabulary(model_vocab_size(model), proxy, teacher_tokenizer=tok,
-                                  proxy_tokenizer=load_tokenizer(cfg.proxy))
+            check_same_vocabulary(model_vocab_size(model), proxy, teacher_tokenizer=tok, proxy_tokenizer=proxy_tok)
         if cfg.proxy_gradient and proxy is None:
             raise UserError("proxy_gradient is set but proxy is not: antidistillation needs both")
         name = cfg.model_name or Path(path.rstrip("/")).name or "teacher"
         return cls(model, tok, model_name=name, proxy=proxy, proxy_gradient=cfg.proxy_gradient,
                    antidistillation_method=cfg.antidistillation_method,
-                   max_batch_size=cfg.batching.max_batch_size, max_wait_ms=cfg.batching.max_wait_ms)
+                   max_batch_size=cfg.batching.max_batch_size, max_wait_ms=cfg.batching.max_wait_ms,
+                   proxy_tokenizer=proxy_tok)
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -352,41 +366,41 @@ class Engine:
         for job, res in zip(batch, results, strict=True):
             job.future.set_result(res)
 
-    def _processors(self, policy: PolicyConfig, temperature: float) -> tuple[list, float]:
-        """The defense's processors for one batch, and the temperature the sampler should then use."""
-        from distillarena.defenses import (
-            AntidistillationProcessor,
-            ProductOfExpertsProcessor,
-            TemperatureProcessor,
-            TopKProcessor,
-            TopPProcessor,
-        )
+    def _decoding_policy(self, policy: PolicyConfig):
+        """The key's defense, built once per (kind, params) by build_policy (as every job that samples builds it)."""
+        from distillarena.defenses.policy import build_policy
 
-        d, s = policy.defense, policy.resolved_strength
-        if d == "none":
+        params = dict(policy.params)
+        if policy.defense == "antidistillation":
+            params.setdefault("method", self.antidistillation_method)
+        key = (policy.defense, tuple(sorted(params.items())))
+        built = self._policies.get(key)
+        if built is None:
+            built = build_policy(policy.defense, params, teacher=self.model, tokenizer=self.tokenizer,
+                                 proxy=self.proxy, proxy_tokenizer=self.proxy_tokenizer or self.tokenizer,
+                                 gradient=self.proxy_gradient)
+            self._policies[key] = built
+        return built
+
+    def _processors(self, policy: PolicyConfig, temperature: float) -> tuple[list, float]:
+        """The defense's processors for one batch, and the temperature the sampler should then use (the
+        request's: it applies after the defense)."""
+        from distillarena.decoding.processors import sampling_warpers
+
+        if policy.defense == "none" and not policy.params:
             return [], temperature
         self.check_policy(policy)
-        if d == "poe":
-            return [ProductOfExpertsProcessor(self.proxy, s, teacher=self.vocab_size,
-                                              pad_token_id=self.pad_token_id)], temperature
-        if d == "temperature":
-            return [TemperatureProcessor(s)], temperature
-        if d == "top_k":
-            return [TopKProcessor(int(s))], temperature
-        if d == "top_p":
-            return [TopPProcessor(s)], temperature
-        if d == "antidistillation":
-            key = (s, self.antidistillation_method)
-            proc = self._adp_cache.get(key)
-            if proc is None:
-                proc = AntidistillationProcessor(self.proxy, self.proxy_gradient, s, teacher=self.vocab_size,
-                                                 method=self.antidistillation_method, pad_token_id=self.pad_token_id)
-                self._adp_cache[key] = proc
-            # it divides by its own temperature: give it the request's and leave the sampler's at 1 (0: greedy)
-            proc.temperature = temperature if temperature > 0 else 1.0
-            proc.reset()
+        dp = self._decoding_policy(policy)
+        for proc in dp.processors:
+            if hasattr(proc, "reset"):
+                proc.reset()
+        if policy.defense == "antidistillation":
+            # it divides by its own temperature: the defense's times the request's, and the sampler's stays at 1
+            # (0: greedy)
+            (proc,) = dp.processors
+            proc.temperature = float(policy.params.get("temperature", 1.0)) * (temperature if temperature > 0 else 1.0)
             return [proc], (0.0 if temperature == 0 else 1.0)
-        raise ValueError(f"unknown defense {d!r}")
+        return list(dp.processors) + sampling_warpers(dp.temperature, dp.top_k, dp.top_p), temperature
 
     @torch.no_grad()
     def _sample(self, batch: list[GenJob]) -> list[GenResult]:
@@ -437,12 +451,13 @@ class Engine:
                 seq = GenSequence(token_ids=toks, text=text, finish_reason="stop" if stopped else "length",
                                   shown=shown, offsets=offsets[:shown])
                 if job.logprobs is not None:
-                    lp = chosen_lp[row, :shown].clone()
+                    m = len(toks) if job.all_tokens else shown
+                    lp = chosen_lp[row, :m].clone()
                     top_ids = top_vals = None
                     if job.logprobs > 0:
-                        top_ids = res.top_ids[row, :shown, : job.logprobs]
-                        top_vals = res.top_logprobs[row, :shown, : job.logprobs].clone()
-                    lp, top_vals = _apply_reveal(job.policy, torch.tensor(body[:shown], dtype=torch.long), lp,
+                        top_ids = res.top_ids[row, :m, : job.logprobs]
+                        top_vals = res.top_logprobs[row, :m, : job.logprobs].clone()
+                    lp, top_vals = _apply_reveal(job.policy, torch.tensor(toks[:m], dtype=torch.long), lp,
                                                  top_ids, top_vals, noise_gen)
                     d = job.policy.decimals
                     seq.logprobs = [_finite(v, d) for v in lp.tolist()]
@@ -450,7 +465,7 @@ class Engine:
                         seq.top = [[(int(i), _finite(v, d)) for i, v in zip(ti, tv, strict=True)]
                                    for ti, tv in zip(top_ids.tolist(), top_vals.tolist(), strict=True)]
                     else:
-                        seq.top = [[] for _ in range(shown)]
+                        seq.top = [[] for _ in range(m)]
                 seqs.append(seq)
                 row += 1
             out.append(GenResult(sequences=seqs, prompt_tokens=sum(len(p) for p in job.prompts),

@@ -68,6 +68,9 @@ class _Sampling(_Request):
     presence_penalty: Prob | None = Field(None, ge=-2, le=2)
     frequency_penalty: Prob | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, Prob] | None = None
+    return_tokens_as_token_ids: bool | None = Field(None, description=(
+        "vLLM's extension: write revealed tokens as 'token_id:<id>', and reveal every generated token (the EOS "
+        "too)"))
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

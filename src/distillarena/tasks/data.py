@@ -154,6 +154,10 @@ def encode_example(tokenizer, ex: Example, max_length: int | None = None) -> tup
     c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     if ex.messages is None and tokenizer.eos_token_id is not None:
         c_ids = c_ids + [tokenizer.eos_token_id]
+    elif tokenizer.eos_token_id in c_ids:
+        # what a template renders after the turn's end-of-turn token (ChatML's newline) is never generated:
+        # the sequence ends at EOS, as the teacher's own completions (seq_kd, on-policy) do
+        c_ids = c_ids[: len(c_ids) - c_ids[::-1].index(tokenizer.eos_token_id)]
     ids = p_ids + c_ids
     if max_length is not None and len(ids) > max_length:
         raise UserError(f"example of {len(ids)} tokens is longer than the limit of {max_length} "

@@ -113,11 +113,13 @@ class APITeacher:
                                      timeout=self.timeout)
 
     # -- one request ----------------------------------------------------------------------------------------------
-    def params(self) -> dict[str, Any]:
+    def params(self, item: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The request's sampling parameters; a prompt record's own ``seed`` replaces the teacher's."""
         p: dict[str, Any] = {"max_tokens": self.max_tokens, "temperature": self.temperature, "n": self.n}
-        for name in ("top_p", "seed", "stop"):
-            if getattr(self, name) is not None:
-                p[name] = getattr(self, name)
+        seed = item["seed"] if item is not None and item.get("seed") is not None else self.seed
+        for name, value in (("top_p", self.top_p), ("seed", seed), ("stop", self.stop)):
+            if value is not None:
+                p[name] = value
         if self.top_logprobs is not None:
             if self.chat:
                 p["logprobs"] = True
@@ -128,7 +130,7 @@ class APITeacher:
         return p
 
     def _request(self, item: dict[str, Any]):
-        kw = self.params()
+        kw = self.params(item)
         if self.extra_body:
             kw["extra_body"] = self.extra_body
         if self.chat:
@@ -193,7 +195,7 @@ class APITeacher:
         else:
             rec["prompt"] = item["prompt"]
         rec["model"] = getattr(resp, "model", self.model)
-        rec["params"] = self.params()
+        rec["params"] = self.params(item)
         rec["choices"] = [self._choice(c) for c in sorted(resp.choices, key=lambda c: c.index)]
         usage = getattr(resp, "usage", None)
         rec["usage"] = usage.model_dump() if usage is not None else None
@@ -229,8 +231,10 @@ class APITeacher:
                 progress: Callable[[int, int], None] | None = None, durable: bool = True) -> CollectSummary:
         """Ask every prompt not already answered in ``out`` and append the answers there (see the module doc).
 
-        ``prompts`` are records with an ``id`` and a ``prompt`` (text, or token ids for /completions) or
-        ``messages``; bare strings get their position as id. ``progress(done, total)`` is called after each answer.
+        ``prompts`` are records with an ``id`` and a ``prompt`` (text, or token ids for /completions; a list of them
+        asks several prompts in one /completions request, answered prompt-major in ``choices``) or ``messages``,
+        and optionally their own ``seed``; bare strings get their position as id. ``progress(done, total)`` is
+        called after each answer.
         """
         path = Path(out)
         done = _load_done_ids(path)
