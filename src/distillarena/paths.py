@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -115,3 +116,14 @@ def repair_jsonl(path: Path) -> int:
     with open(path, "r+b") as f:
         f.truncate(keep)
     return len(data) - keep
+
+
+def json_safe(x: Any) -> Any:
+    """``x`` with every non-finite float (NaN, infinities) replaced by None, recursively: strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [json_safe(v) for v in x]
+    return x

@@ -26,6 +26,11 @@ def recovery(acc: float, base: float, ref: float) -> tuple[float, str | None]:
     return (acc - base) / gain, None
 
 
+def finite(x: Any) -> bool:
+    """A real number that is neither NaN nor infinite (None and strings are not)."""
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
 def mean_std(xs: list[float | None]) -> tuple[float, float, int]:
     """Mean and sample standard deviation of the finite values (NaN if none; std 0 for one value)."""
     v = [float(x) for x in xs if x is not None and math.isfinite(float(x))]

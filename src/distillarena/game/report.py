@@ -3,7 +3,6 @@ traces side by side, and the tables."""
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -13,13 +12,10 @@ import matplotlib.pyplot as plt
 from ..config import GameConfig
 from ..recipes.report import Report
 from .collect import load_traces
+from .metrics import finite
 
 COLORS = ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377", "#bbbbbb"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)
 
 
 def frontier_figure(summary: list[dict[str, Any]], attackers: list[str]):
@@ -30,8 +26,8 @@ def frontier_figure(summary: list[dict[str, Any]], attackers: list[str]):
     for ki, kind in enumerate(kinds):
         color = COLORS[ki % len(COLORS)]
         for ai, att in enumerate(attackers):
-            pts = [r for r in summary if r["defense"] == kind and r["attacker"] == att and _finite(r["recovery"])]
-            pts += [r for r in ref if r["attacker"] == att and _finite(r["recovery"])]
+            pts = [r for r in summary if r["defense"] == kind and r["attacker"] == att and finite(r["recovery"])]
+            pts += [r for r in ref if r["attacker"] == att and finite(r["recovery"])]
             pts.sort(key=lambda r: -r["teacher_accuracy"])
             if not pts:
                 continue
@@ -74,7 +70,7 @@ def cost_figure(summary_rows: list[dict[str, Any]]):
 def entropy_figure(teacher: dict[str, Any], base: dict[str, Any], rows: list[dict[str, Any]], cfg: GameConfig):
     kinds = list(cfg.defenses)
     # problems with several valid step orders if there are any, else the single-order ones
-    key = "multi" if any(_finite(x) for x in teacher["entropy"]["multi"]) else "single"
+    key = "multi" if any(finite(x) for x in teacher["entropy"]["multi"]) else "single"
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.4), squeeze=False)
     for ax, d in zip(axes[0], kinds, strict=True):
         strongest = dict(d.strengths[-1])
@@ -89,7 +85,7 @@ def entropy_figure(teacher: dict[str, Any], base: dict[str, Any], rows: list[dic
                 kind_of[r["attacker"]] = r["attacker_kind"]
         for i, (att, curves) in enumerate(groups.items()):
             n = len(curves[0])
-            mean = [sum(c[j] for c in curves if _finite(c[j])) / k if (k := sum(_finite(c[j]) for c in curves))
+            mean = [sum(c[j] for c in curves if finite(c[j])) / k if (k := sum(finite(c[j]) for c in curves))
                     else float("nan") for j in range(n)]  # positions no problem reaches stay blank
             ax.plot(mean, color=COLORS[i % len(COLORS)], linestyle="--" if kind_of[att] == "passive" else "-",
                     label=att)

@@ -27,7 +27,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from ..attacks.lm import Encoded
 from ..config import AttackerConfig, DefenseConfig, GameConfig, TeacherConfig, dump_config
 from ..errors import UserError
 from ..evaluate.task_eval import evaluate_problems, per_position_entropy
-from ..paths import atomic_dir, atomic_write_json, atomic_write_text
+from ..paths import atomic_dir, atomic_write_json, atomic_write_text, json_safe
 from ..recipes.traces import resolve_model
 from ..tasks.data import encode_example, problem_example
 from .attack import encode_traces, plan_attack, train_student
@@ -306,21 +305,11 @@ CSV_COLUMNS = ["defense_label", "defense", "attacker", "attacker_kind", "seed", 
                "frac_mass_top20", "n_trained", "train_s", "valuation_s", "key"]
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def rebuild(out: Path, cfg: GameConfig, console: Console | None = None, report: bool = True) -> dict[str, Any]:
     """Write ``results.jsonl``, ``results.csv``, ``summary.json`` (and ``report.html``) from the run folder."""
     out = Path(out)
     rows = table(cfg, out)
-    atomic_write_text(out / "results.jsonl", "".join(json.dumps(_json_safe(r)) + "\n" for r in rows))
+    atomic_write_text(out / "results.jsonl", "".join(json.dumps(json_safe(r)) + "\n" for r in rows))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     w.writeheader()
@@ -328,7 +317,7 @@ def rebuild(out: Path, cfg: GameConfig, console: Console | None = None, report: 
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
     atomic_write_text(out / "results.csv", buf.getvalue())
     summ = aggregate(rows)
-    summary = {"cells": len(rows), "rows": _json_safe(summ), "gaps": _json_safe(gaps(summ)),
+    summary = {"cells": len(rows), "rows": json_safe(summ), "gaps": json_safe(gaps(summ)),
                "base": json.loads((out / "base" / f"{base_key(cfg)}.json").read_text())}
     atomic_write_json(out / "summary.json", summary)
     if report:

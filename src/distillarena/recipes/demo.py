@@ -20,7 +20,6 @@ Run folder::
 from __future__ import annotations
 
 import json
-import math
 import time
 from datetime import datetime
 from pathlib import Path
@@ -40,10 +39,11 @@ from ..config import (
 )
 from ..errors import UserError
 from ..evaluate.task_eval import evaluate_problems, per_position_entropy
+from ..game.metrics import mean_std
 from ..models.presets import load_model, load_tokenizer
-from ..paths import JsonlWriter, atomic_write_json, atomic_write_text
+from ..paths import JsonlWriter, atomic_write_json, atomic_write_text, json_safe
 from ..tasks.arithmetic import ArithmeticTask
-from .findings import compute_findings
+from .findings import compute_findings, format_mean_std
 from .report import Report
 from .teach import PROBE_DIFFICULTY, TeacherResult, task_config, teach
 
@@ -59,17 +59,6 @@ def new_run_dir(root: Path, job: str, out: Path | None, overwrite: bool) -> Path
         raise UserError(f"run folder {out} already exists and is not empty; pass --overwrite or another --out")
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def _clean(x: Any) -> Any:
-    """JSON-safe: NaN and infinities become None."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
-    return x
 
 
 def run_demo(cfg: DemoConfig, out: Path, console: Console | None = None) -> Path:
@@ -104,7 +93,7 @@ def run_demo(cfg: DemoConfig, out: Path, console: Console | None = None) -> Path
     # the entropy probe: 3-operation test problems (most have several valid step orders)
     probe = task.problems("test", 96, 3, seed=cfg.eval.seed)
     entropy = per_position_entropy(model, tok, probe)
-    metrics.write({"phase": "teacher_entropy", **_clean(entropy)})
+    metrics.write({"phase": "teacher_entropy", **json_safe(entropy)})
     p0 = phase_done("teacher_eval", p0)
 
     distill_runs: list[dict[str, Any]] = []
@@ -127,7 +116,7 @@ def run_demo(cfg: DemoConfig, out: Path, console: Console | None = None) -> Path
         game_summary = run_game(cfg.game, out / "game", console=console)
         game_rows = table(cfg.game, out / "game")
         for r in game_rows:
-            metrics.write({"phase": "game_cell", **_clean({k: v for k, v in r.items() if k != "student_entropy"})})
+            metrics.write({"phase": "game_cell", **json_safe({k: v for k, v in r.items() if k != "student_entropy"})})
         p0 = phase_done("game", p0)
 
     console.rule("[bold]5. Findings and report")
@@ -141,7 +130,7 @@ def run_demo(cfg: DemoConfig, out: Path, console: Console | None = None) -> Path
                "distill": [{k: v for k, v in r.items() if k != "curve"} for r in distill_runs],
                "game": game_summary, "findings": findings, "phase_seconds": phases,
                "wall_seconds": time.perf_counter() - t0}
-    atomic_write_json(out / "summary.json", _clean(summary))
+    atomic_write_json(out / "summary.json", json_safe(summary))
     report = build_report(cfg, teacher, ev, entropy, distill_runs, findings, summary)
     if cfg.game is not None:
         from ..game.report import add_game_sections
@@ -314,13 +303,7 @@ def distill_sections(r: Report, cfg: DemoConfig, runs: list[dict[str, Any]], tea
                   "order flattens them (position 0 is the choice of the first step).")
 
     def ms(vals: list[Any]) -> str:
-        v = [x for x in vals if isinstance(x, int | float) and math.isfinite(x)]
-        if not v:
-            return "n/a"
-        m = sum(v) / len(v)
-        if len(v) == 1:
-            return f"{m:.3f}"
-        return f"{m:.3f} ± {(sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5:.3f}"
+        return format_mean_std(*mean_std(vals), digits=3)
 
     r.table(["objective", "accuracy", "forward KL", "reverse KL", "student entropy", "teacher entropy",
              "entropy at the order choice", "train + eval (s)"],

@@ -13,11 +13,10 @@ standard deviation over seeds (0 with one seed).
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Any
 
-from ..game.metrics import mean_std
+from ..game.metrics import finite, mean_std
 
 QUESTIONS = {
     1: "Adaptive students recover at least as much as passive ones on defended traces; how large is the gap?",
@@ -29,15 +28,14 @@ QUESTIONS = {
 COLLAPSE_RATIO = 0.5  # a student "collapses" at the step-order choice below half the teacher's entropy there
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)
-
-
-def _pm(m: float, s: float, n: int = 2, digits: int = 2) -> str:
+def format_mean_std(m: float, s: float, n: int = 2, digits: int = 2) -> str:
     """``mean ± std``; the mean alone from one seed (a std of one value says nothing)."""
-    if not _finite(m):
+    if not finite(m):
         return "n/a"
     return f"{m:.{digits}f}" if n < 2 else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+_pm = format_mean_std
 
 
 def _verdict(flags: list[bool]) -> str:
@@ -68,7 +66,7 @@ def adaptive_gap(rows: list[dict[str, Any]]) -> dict[str, Any]:
         for a in adaptive if passive is not None else []:
             name = label if len(adaptive) == 1 else f"{label} / {a['attacker']}"
             acc_gaps[name].append(a["student_accuracy"] - passive["student_accuracy"])
-            if _finite(a["recovery"]) and _finite(passive["recovery"]):
+            if finite(a["recovery"]) and finite(passive["recovery"]):
                 r_gaps[name].append(a["recovery"] - passive["recovery"])
     seeds = sorted({r["seed"] for r in rows})
     if not acc_gaps:
@@ -94,8 +92,8 @@ def adaptive_gap(rows: list[dict[str, Any]]) -> dict[str, Any]:
         # no recovery to compare: say why, and judge by the accuracy the students reach on the same traces
         acc_flags = [mean_std(g)[0] >= 0 for g in acc_gaps.values()]
         out["verdict"] = f"{_verdict(acc_flags)} (by accuracy; R undefined)"
-        undefined = sorted({f"{a} gains {refs[(a, sd)]['student_accuracy'] - refs[(a, sd)]['base_accuracy']:+.3f}"
-                            for (a, sd), _ in refs.items() if "base_accuracy" in refs[(a, sd)]})
+        undefined = sorted({f"{a} gains {r['student_accuracy'] - r['base_accuracy']:+.3f}"
+                            for (a, _), r in refs.items() if "base_accuracy" in r})
         lead = ("R is undefined where an attacker's student gains nothing from the undefended teacher's traces "
                 f"(accuracy over the base student: {', '.join(undefined)}); ")
     out["evidence"] = lead + "adaptive minus passive: " + "; ".join(parts)
@@ -118,8 +116,8 @@ def matched_utility(summary_rows: list[dict[str, Any]]) -> dict[str, Any]:
     parts, flags, diffs = [], [], []
     for att, undef in sorted(ref.items()):
         temp = [(r["teacher_accuracy"], r["recovery"]) for r in summary_rows
-                if r["defense"] == "temperature" and r["attacker"] == att and _finite(r["recovery"])]
-        poe = [r for r in summary_rows if r["defense"] == "poe" and r["attacker"] == att and _finite(r["recovery"])]
+                if r["defense"] == "temperature" and r["attacker"] == att and finite(r["recovery"])]
+        poe = [r for r in summary_rows if r["defense"] == "poe" and r["attacker"] == att and finite(r["recovery"])]
         if not temp or not poe:
             continue
         curve = temp + [(undef["teacher_accuracy"], 1.0)]
@@ -194,7 +192,7 @@ def hpd_entropy(runs: list[dict[str, Any]], teacher_first_step: float, teacher_e
     h_hpd, h_sft = stat("hpd", "first_step_entropy"), stat("sft", "first_step_entropy")
     m_hpd, m_sft = stat("hpd", "student_entropy"), stat("sft", "student_entropy")
     acc = {obj: stat(obj, "accuracy") for obj in by}
-    baselines = {o: a for o, a in acc.items() if o != "hpd" and _finite(a[0])}
+    baselines = {o: a for o, a in acc.items() if o != "hpd" and finite(a[0])}
     best = max(baselines, key=lambda o: baselines[o][0]) if baselines else None
     near = abs(h_hpd[0] - teacher_first_step) < abs(h_sft[0] - teacher_first_step)
     collapsed = h_sft[0] < COLLAPSE_RATIO * teacher_first_step
