@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from distillarena.errors import UserError
+from distillarena.core.errors import UserError
 from distillarena.serve.config import BatchingConfig, PolicyConfig, ServeConfig
 from distillarena.serve.testing import running_server, save_tiny_model
 from distillarena.teachers.api_client import APITeacher, CollectionStopped, _load_done_ids, read_traces

@@ -19,7 +19,7 @@ from distillarena.attacks import (
     value_weights,
     weight_stats,
 )
-from distillarena.errors import UserError
+from distillarena.core.errors import UserError
 
 
 class Point(torch.nn.Module):

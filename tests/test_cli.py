@@ -4,8 +4,10 @@ import sys
 import pytest
 
 from distillarena.cli import main
-from distillarena.config import DemoConfig, TeacherConfig, load_config
-from distillarena.errors import UserError
+from distillarena.core.config import load_config
+from distillarena.core.errors import UserError
+from distillarena.recipes.config import DemoConfig
+from distillarena.train.config import TeacherConfig
 
 
 def test_defaults_validate():

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from distillarena.errors import UserError
+from distillarena.core.errors import UserError
 from distillarena.tasks.arithmetic import ArithmeticConfig
 from distillarena.tasks.data import (
     IGNORE_INDEX,

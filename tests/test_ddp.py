@@ -18,9 +18,10 @@ from test_distill_support import (  # noqa: F401
 )
 
 from distillarena.cli import main
-from distillarena.config import DistillConfig, load_config
+from distillarena.core.config import load_config
 from distillarena.models.presets import load_tokenizer
 from distillarena.recipes.distill import build_data, resolve_stages
+from distillarena.train.config import DistillConfig
 from distillarena.train.distill import DistillStream
 from distillarena.train.loop import count_targets
 

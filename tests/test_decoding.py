@@ -17,6 +17,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from distillarena.core.errors import UserError
 from distillarena.decoding import (
     HFDecoder,
     LlamaDecoder,
@@ -31,7 +32,6 @@ from distillarena.decoding import (
     sample_from_probs,
     sampling_warpers,
 )
-from distillarena.errors import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 

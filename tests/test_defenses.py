@@ -11,6 +11,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
+from distillarena.core.errors import UserError
 from distillarena.decoding import apply_processors, positions_from_mask, sample, sample_from_probs
 from distillarena.defenses import (
     AntidistillationProcessor,
@@ -24,7 +25,6 @@ from distillarena.defenses import (
     log_softmax_jvp,
     product_of_experts,
 )
-from distillarena.errors import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 

@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from distillarena.config import TeacherConfig, default_proxy
 from distillarena.defenses.policy import build_policy
 from distillarena.evaluate.task_eval import evaluate_problems
+from distillarena.game.config import default_proxy
+from distillarena.game.traces import holdout_gradient
 from distillarena.models.presets import load_model, load_tokenizer
-from distillarena.recipes.teach import teach
-from distillarena.recipes.traces import holdout_gradient
 from distillarena.tasks.arithmetic import ArithmeticTask
+from distillarena.train.config import TeacherConfig
+from distillarena.train.teacher import teach
 
 pytestmark = pytest.mark.slow
 

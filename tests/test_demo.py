@@ -1,8 +1,8 @@
 import json
 
 from distillarena.cli import main
-from distillarena.config import TeacherConfig
-from distillarena.recipes.teach import INFO_FILE, teach
+from distillarena.train.config import TeacherConfig
+from distillarena.train.teacher import INFO_FILE, teach
 
 TINY = """
 teacher:
@@ -87,7 +87,7 @@ def test_demo_tells_the_whole_story(tmp_path):
 
 
 def test_demo_sections_override_the_demo_defaults_field_by_field():
-    from distillarena.config import DemoConfig, demo_game
+    from distillarena.recipes.config import DemoConfig, demo_game
 
     c = DemoConfig.model_validate({"game": {"seeds": [0, 1, 2]}, "teacher": {"task": {"n_ops": [1, 2]}}})
     assert c.game.seeds == [0, 1, 2] and c.game.budget == demo_game().budget  # the rest stays the demo's
@@ -99,7 +99,7 @@ def test_demo_sections_override_the_demo_defaults_field_by_field():
 def test_demo_refuses_a_game_with_another_teacher():
     import pytest
 
-    from distillarena.config import DemoConfig
+    from distillarena.recipes.config import DemoConfig
 
     with pytest.raises(ValueError, match="game.teacher differs"):
         DemoConfig.model_validate({"game": {"teacher": {"teach": {"preset": "tiny"}}}})

@@ -9,11 +9,11 @@ from test_distill_support import one_thread, tiny_config, tiny_teacher, weights_
 from transformers import AutoModelForCausalLM
 
 from distillarena.cli import main
-from distillarena.config import DistillConfig
+from distillarena.core.io import read_jsonl
 from distillarena.objectives import TeacherSignal, compute_objective
-from distillarena.paths import read_jsonl
 from distillarena.recipes.distill import resolve_stages
 from distillarena.teachers import TextTeacher
+from distillarena.train.config import DistillConfig
 from distillarena.train.distill import DistillLoss, DistillStream, Encoded, Stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -177,7 +177,7 @@ def test_cache_signal_matches_the_live_teacher(tiny_teacher, tmp_path, task_tok)
 def test_examples_validate(name):
     from pathlib import Path
 
-    from distillarena.config import load_config
+    from distillarena.core.config import load_config
     from distillarena.recipes.distill import check_regimes
 
     cfg = load_config(Path(__file__).parents[1] / "examples" / f"{name}.yaml", DistillConfig)

@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from distillarena.cli import main
-from distillarena.errors import UserError
+from distillarena.core.errors import UserError
 from distillarena.models.presets import build_preset
 from distillarena.teachers import check_tokenizers
 

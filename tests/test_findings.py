@@ -4,13 +4,7 @@ import math
 
 import pytest
 
-from distillarena.recipes.findings import (
-    adaptive_gap,
-    compute_findings,
-    defense_cost,
-    hpd_entropy,
-    matched_utility,
-)
+from distillarena.report.findings import adaptive_gap, compute_findings, defense_cost, hpd_entropy, matched_utility
 
 
 def row(defense, params, attacker_kind, seed, recovery, **kw):

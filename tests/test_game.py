@@ -7,9 +7,10 @@ import pytest
 import torch
 import yaml
 
-from distillarena.config import GameConfig, load_config
-from distillarena.errors import UserError
+from distillarena.core.config import load_config
+from distillarena.core.errors import UserError
 from distillarena.game import metrics
+from distillarena.game.config import GameConfig
 from distillarena.game.metrics import aggregate, gaps, recovery
 
 

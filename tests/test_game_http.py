@@ -8,8 +8,8 @@ import typing
 import pytest
 import torch
 
-from distillarena.config import DefenseConfig, DefenseKind, GameConfig
-from distillarena.errors import UserError
+from distillarena.core.errors import UserError
+from distillarena.game.config import DefenseConfig, DefenseKind, GameConfig
 from distillarena.serve.config import DEFENSES, PARAMS, BatchingConfig, PolicyConfig, ServeConfig
 from distillarena.serve.testing import running_server, save_tiny_model
 
@@ -54,11 +54,11 @@ def proxy_gradient(paths) -> str:
     """The proxy's holdout gradient as the in-process game computes and caches it: the server is given that file."""
     from rich.console import Console
 
+    from distillarena.core.io import cache_dir
     from distillarena.defenses.proxy import model_fingerprint
     from distillarena.game.collect import game_task
+    from distillarena.game.traces import holdout_gradient
     from distillarena.models.presets import load_model, load_tokenizer
-    from distillarena.paths import cache_dir
-    from distillarena.recipes.traces import holdout_gradient
 
     proxy, task = load_model(paths["proxy"]), game_task(game_config(paths))
     holdout_gradient(proxy, load_tokenizer(paths["proxy"]), HOLDOUT_TRACES, task, Console())

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from distillarena.errors import UserError
+from distillarena.core.errors import UserError
 from distillarena.models.presets import PRESETS, build_preset, count_parameters, load_model, load_tokenizer
 from distillarena.models.tokenizer import train_task_tokenizer
 

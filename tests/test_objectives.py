@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distillarena.errors import UserError
+from distillarena.core.errors import UserError
 from distillarena.objectives import (
     TeacherSignal,
     available_objectives,

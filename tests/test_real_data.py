@@ -10,7 +10,7 @@ import pytest
 from test_distill_support import one_thread, tiny_config, tiny_teacher, write_config  # noqa: F401
 
 from distillarena.cli import main
-from distillarena.errors import UserError
+from distillarena.core.errors import UserError
 from distillarena.tasks.chat_data import arithmetic_chat_rows, champ_rows, write_chat_data
 from distillarena.tasks.data import IGNORE_INDEX, Example, collate, encode_example, load_examples
 

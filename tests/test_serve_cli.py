@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from distillarena.errors import UserError
+from distillarena.core.errors import UserError
 from distillarena.serve.cli import add_serve_commands
 from distillarena.serve.store import Store
 from distillarena.serve.testing import save_tiny_model

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from distillarena.errors import UserError
+from distillarena.core.errors import UserError
 from distillarena.serve.config import PolicyConfig, ServeConfig
 from distillarena.serve.store import Rejected, Store
 from distillarena.serve.testing import FAST_KDF

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distillarena.errors import UserError
+from distillarena.core.errors import UserError
 from distillarena.tasks.arithmetic import (
     ArithmeticConfig,
     ArithmeticTask,

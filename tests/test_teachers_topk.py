@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_distill_support import one_thread, tiny_teacher  # noqa: F401
 
-from distillarena.errors import UserError
+from distillarena.core.errors import UserError
 from distillarena.models.presets import load_model
 from distillarena.tasks.data import arithmetic_examples, collate, encode_example
 from distillarena.teachers import LocalTeacher, TopKCache, TopKCodec, build_topk_cache, cached_kl, topk_token_logprobs

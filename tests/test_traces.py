@@ -3,12 +3,12 @@ import json
 import pytest
 import torch
 
-from distillarena.config import TracesConfig
+from distillarena.core.errors import UserError
 from distillarena.defenses.policy import build_policy
-from distillarena.errors import UserError
 from distillarena.evaluate.task_eval import evaluate_problems
+from distillarena.game.config import TracesConfig
+from distillarena.game.traces import run_traces
 from distillarena.models.presets import build_preset
-from distillarena.recipes.traces import run_traces
 from distillarena.tasks.arithmetic import ArithmeticTask
 
 
@@ -72,7 +72,7 @@ def test_traces_resume_after_a_crash_equals_one_run(saved_models, tmp_path):
 
 
 def test_antidistillation_traces_cache_the_gradient(saved_models, tmp_path):
-    from distillarena.paths import cache_dir
+    from distillarena.core.io import cache_dir
 
     cfg = traces_config(saved_models, kind="antidistillation", params={"lam": 0.5, "temperature": 0.8},
                         holdout_traces=16)

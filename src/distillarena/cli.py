@@ -7,14 +7,15 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from distillarena.core.errors import UserError
 
 DEFAULT_RUNS = Path(os.environ.get("DISTILLARENA_RUNS", "runs"))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from .config import DemoConfig, load_config
-    from .recipes.demo import new_run_dir, run_demo
+    from distillarena.core.config import load_config
+    from distillarena.recipes.config import DemoConfig
+    from distillarena.recipes.demo import new_run_dir, run_demo
 
     cfg = load_config(args.config, DemoConfig)
     out = new_run_dir(DEFAULT_RUNS, "demo", args.out, args.overwrite)
@@ -22,8 +23,9 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _cmd_teach(args: argparse.Namespace) -> None:
-    from .config import TeacherConfig, load_config
-    from .recipes.teach import export_teacher, teach
+    from distillarena.core.config import load_config
+    from distillarena.train.config import TeacherConfig
+    from distillarena.train.teacher import export_teacher, teach
 
     cfg = load_config(args.config, TeacherConfig)
     result = teach(cfg, force=args.force)
@@ -37,9 +39,9 @@ def _cmd_teach(args: argparse.Namespace) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from .evaluate.task_eval import evaluate_problems
-    from .models.presets import load_model, load_tokenizer
-    from .tasks.arithmetic import ArithmeticTask
+    from distillarena.evaluate.task_eval import evaluate_problems
+    from distillarena.models.presets import load_model, load_tokenizer
+    from distillarena.tasks.arithmetic import ArithmeticTask
 
     model, tok = load_model(args.model), load_tokenizer(args.model)
     console = Console()
@@ -50,15 +52,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_traces(args: argparse.Namespace) -> None:
-    from .config import TracesConfig, load_config
-    from .recipes.traces import run_traces
+    from distillarena.core.config import load_config
+    from distillarena.game.config import TracesConfig
+    from distillarena.game.traces import run_traces
 
     run_traces(load_config(args.config, TracesConfig), args.out)
 
 
 def _cmd_distill(args: argparse.Namespace) -> None:
-    from .config import DistillConfig, load_config
-    from .recipes.distill import new_run_dir, run_distill
+    from distillarena.core.config import load_config
+    from distillarena.recipes.distill import new_run_dir, run_distill
+    from distillarena.train.config import DistillConfig
 
     cfg = load_config(args.config, DistillConfig)
     try:
@@ -68,16 +72,18 @@ def _cmd_distill(args: argparse.Namespace) -> None:
 
 
 def _cmd_cache_teacher(args: argparse.Namespace) -> None:
-    from .config import DistillConfig, load_config
-    from .recipes.distill import run_cache_teacher
+    from distillarena.core.config import load_config
+    from distillarena.recipes.distill import run_cache_teacher
+    from distillarena.train.config import DistillConfig
 
     cfg = load_config(args.config, DistillConfig)
     run_cache_teacher(cfg, args.out, k=args.k, bits=args.bits, overwrite=args.overwrite)
 
 
 def _cmd_game(args: argparse.Namespace) -> None:
-    from .config import GameConfig, load_config
-    from .game.sweep import rebuild, run_game
+    from distillarena.core.config import load_config
+    from distillarena.game.config import GameConfig
+    from distillarena.game.sweep import rebuild, run_game
 
     if args.report_only:
         from rich.console import Console
@@ -96,8 +102,8 @@ def _cmd_game(args: argparse.Namespace) -> None:
 
 
 def _cmd_convert_smollm2(args: argparse.Namespace) -> None:
-    from .models.real import convert_smollm2
-    from .recipes.real import save_layer_dropped
+    from distillarena.models.real import convert_smollm2
+    from distillarena.recipes.real import save_layer_dropped
 
     path = convert_smollm2(args.dtype, args.out, force=args.force)
     print(path)
@@ -106,8 +112,8 @@ def _cmd_convert_smollm2(args: argparse.Namespace) -> None:
 
 
 def _cmd_chat_data(args: argparse.Namespace) -> None:
-    from .paths import cache_dir
-    from .tasks.chat_data import write_chat_data
+    from distillarena.core.io import cache_dir
+    from distillarena.tasks.chat_data import write_chat_data
 
     out = args.out or cache_dir() / "data" / "chat"
     for name, path in write_chat_data(out, train=args.train, heldout=args.heldout, n_ops=args.ops, seed=args.seed,
@@ -199,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=200)
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=_cmd_evaluate)
-    from .serve.cli import add_serve_commands
+    from distillarena.serve.cli import add_serve_commands
 
     add_serve_commands(sub)
     return p

@@ -2,8 +2,8 @@
 holdout gradient), weights (exponential tilting, normalised to mean 1), top-q filtering, and an oracle value
 (the actual holdout-loss change after one step on a trace) to check the cheap estimate against."""
 
-from .lm import oracle_traces, per_sequence_nll, value_traces
-from .valuation import (
+from distillarena.attacks.lm import oracle_traces, per_sequence_nll, value_traces
+from distillarena.attacks.valuation import (
     Valuation,
     fd_values,
     holdout_direction,

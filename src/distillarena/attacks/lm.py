@@ -9,9 +9,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from ..errors import UserError
-from ..tasks.data import IGNORE_INDEX, collate
-from .valuation import Valuation, fd_values, holdout_direction, oracle_values
+from distillarena.attacks.valuation import Valuation, fd_values, holdout_direction, oracle_values
+from distillarena.core.errors import UserError
+from distillarena.tasks.data import IGNORE_INDEX, collate
 
 Encoded = tuple[list[int], list[int]]
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import UserError
+from distillarena.core.errors import UserError
 
 HoldoutLoss = Callable[[torch.nn.Module], Iterable[Tensor]]
 TraceLosses = Callable[[torch.nn.Module], Tensor]

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from distillarena.errors import UserError
+from distillarena.core.errors import UserError
 
 
 class IncrementalDecoder(Protocol):

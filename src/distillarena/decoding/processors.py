@@ -1,7 +1,7 @@
 """Logits processors with the Hugging Face signature ``(input_ids, scores) -> scores``, and the chain protocol.
 
 Temperature, top-k and top-p here are the truncation baselines; they validate their arguments with a
-:class:`~distillarena.errors.UserError` and compute exactly what the Hugging Face warpers compute, so they can be
+:class:`~distillarena.core.errors.UserError` and compute exactly what the Hugging Face warpers compute, so they can be
 passed to ``model.generate(logits_processor=LogitsProcessorList([...]))`` as well as to :func:`sample`.
 
 Chain protocol (what :func:`~distillarena.decoding.sample` does with ``processors``):
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessor
 
-from distillarena.errors import UserError
+from distillarena.core.errors import UserError
 
 Processor = Callable[[Tensor, Tensor], Tensor]
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from distillarena.core.errors import UserError
 from distillarena.decoding.decoders import make_decoder
 from distillarena.decoding.processors import (
     Processor,
@@ -37,7 +38,6 @@ from distillarena.decoding.processors import (
     sample_from_probs,
     sampling_warpers,
 )
-from distillarena.errors import UserError
 
 # reveal(logprobs [B, V]) -> (ids [B, k], values [B, k]), or None when nothing is revealed
 RevealFn = Callable[[Tensor], "tuple[Tensor, Tensor] | None"]

@@ -5,46 +5,42 @@ plus what an API reveals.
 - :class:`ProductOfExpertsProcessor`: ``(1 - gamma) z_teacher + gamma z_proxy``;
 - :class:`AntidistillationProcessor`: ``z_teacher / tau + lambda b`` with the proxy gradient from
   :func:`compute_proxy_gradient` / :func:`load_proxy_gradient`;
-- reveal policies :class:`RevealNothing`, :class:`RevealTopK`.
+- reveal policies :class:`RevealNothing`, :class:`RevealTopK`;
+- the table of kinds and parameters, torch-free: :mod:`distillarena.defenses.spec`.
 """
 
-from distillarena.defenses.antidistillation import (
-    AntidistillationProcessor,
-    ProxyGradient,
-    antidistillation_scores,
-    compute_proxy_gradient,
-    load_proxy_gradient,
-    log_softmax_jvp,
-)
-from distillarena.defenses.poe import ProductOfExpertsProcessor, check_gamma, product_of_experts
-from distillarena.defenses.proxy import (
-    LockstepProxy,
-    check_same_vocabulary,
-    leading_pad_mask,
-    model_fingerprint,
-    tokenizer_fingerprint,
-)
-from distillarena.defenses.reveal import RevealNothing, RevealTopK
-from distillarena.defenses.truncation import TemperatureProcessor, TopKProcessor, TopPProcessor
+import importlib
+from typing import Any
 
-__all__ = [
-    "AntidistillationProcessor",
-    "LockstepProxy",
-    "ProductOfExpertsProcessor",
-    "ProxyGradient",
-    "RevealNothing",
-    "RevealTopK",
-    "TemperatureProcessor",
-    "TopKProcessor",
-    "TopPProcessor",
-    "antidistillation_scores",
-    "check_gamma",
-    "check_same_vocabulary",
-    "compute_proxy_gradient",
-    "leading_pad_mask",
-    "load_proxy_gradient",
-    "log_softmax_jvp",
-    "model_fingerprint",
-    "product_of_experts",
-    "tokenizer_fingerprint",
-]
+# Imported on first use: `distillarena.defenses.spec` (the defense table) must load without torch, and importing
+# it runs this file first.
+_WHERE = {
+    "AntidistillationProcessor": "distillarena.defenses.antidistillation",
+    "LockstepProxy": "distillarena.defenses.proxy",
+    "ProductOfExpertsProcessor": "distillarena.defenses.poe",
+    "ProxyGradient": "distillarena.defenses.antidistillation",
+    "RevealNothing": "distillarena.defenses.reveal",
+    "RevealTopK": "distillarena.defenses.reveal",
+    "TemperatureProcessor": "distillarena.defenses.truncation",
+    "TopKProcessor": "distillarena.defenses.truncation",
+    "TopPProcessor": "distillarena.defenses.truncation",
+    "antidistillation_scores": "distillarena.defenses.antidistillation",
+    "check_gamma": "distillarena.defenses.poe",
+    "check_same_vocabulary": "distillarena.defenses.proxy",
+    "compute_proxy_gradient": "distillarena.defenses.antidistillation",
+    "leading_pad_mask": "distillarena.defenses.proxy",
+    "load_proxy_gradient": "distillarena.defenses.antidistillation",
+    "log_softmax_jvp": "distillarena.defenses.antidistillation",
+    "model_fingerprint": "distillarena.defenses.proxy",
+    "product_of_experts": "distillarena.defenses.poe",
+    "tokenizer_fingerprint": "distillarena.defenses.proxy",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_WHERE)

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessor
 
+from distillarena.core.errors import UserError
 from distillarena.decoding.decoders import model_vocab_size, positions_from_mask
 from distillarena.defenses.proxy import (
     LockstepProxy,
@@ -53,7 +54,6 @@ from distillarena.defenses.proxy import (
     model_fingerprint,
     tokenizer_fingerprint,
 )
-from distillarena.errors import UserError
 
 FORMAT = "distillarena.proxy_gradient/1"
 NORMALIZATIONS = ("unit", "none")

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessor
 
+from distillarena.core.errors import UserError
 from distillarena.decoding.decoders import model_vocab_size
 from distillarena.defenses.proxy import LockstepProxy, check_same_vocabulary
-from distillarena.errors import UserError
 
 
 def check_gamma(gamma: float) -> float:

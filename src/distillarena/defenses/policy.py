@@ -1,17 +1,8 @@
 """A decoding policy: one named defense at one strength, ready to sample with.
 
 Every job that decodes a defended teacher (``distillarena traces``, teacher utility, the game, the server)
-builds its defense here from a kind and parameters, so a defense means the same thing everywhere:
-
-==================  =========================================================================================
-kind                what is sampled (``z`` = teacher logits)
-==================  =========================================================================================
-``none``            softmax(z / temperature) (temperature 1 by default: the undefended teacher)
-``temperature``     softmax(z / temperature)
-``truncation``      top-k and/or top-p truncation of softmax(z / temperature)
-``poe``             softmax(((1 - gamma) z + gamma z_proxy) / temperature)
-``antidistillation`` softmax(z / temperature + lam * b), b from the proxy's cached holdout gradient
-==================  =========================================================================================
+builds its defense here from a kind and parameters, so a defense means the same thing everywhere. The kinds, their
+parameters and what each samples are the table in :mod:`distillarena.defenses.spec`.
 """
 
 from __future__ import annotations
@@ -21,19 +12,11 @@ from typing import Any
 
 import torch
 
-from ..decoding import SampleResult, sample
-from ..errors import UserError
-from .antidistillation import AntidistillationProcessor
-from .poe import ProductOfExpertsProcessor
-
-DEFENSE_KINDS = ("none", "temperature", "truncation", "poe", "antidistillation")
-_ALLOWED = {
-    "none": {"temperature"},
-    "temperature": {"temperature"},
-    "truncation": {"temperature", "top_k", "top_p"},
-    "poe": {"temperature", "gamma"},
-    "antidistillation": {"temperature", "lam", "method", "eps", "normalize"},
-}
+from distillarena.core.errors import UserError
+from distillarena.decoding import SampleResult, sample
+from distillarena.defenses.antidistillation import AntidistillationProcessor
+from distillarena.defenses.poe import ProductOfExpertsProcessor
+from distillarena.defenses.spec import check_defense, defense_label, defense_spec
 
 
 @dataclass
@@ -47,8 +30,7 @@ class DecodingPolicy:
 
     @property
     def label(self) -> str:
-        inner = ", ".join(f"{k}={v}" for k, v in sorted(self.params.items()))
-        return f"{self.kind}({inner})" if inner else self.kind
+        return defense_label(self.kind, self.params)
 
     def sample(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                **kwargs: Any) -> SampleResult:
@@ -65,15 +47,14 @@ def build_policy(kind: str, params: dict[str, Any] | None = None, *, teacher: to
     """The policy for ``kind`` with ``params``; PoE and antidistillation need ``proxy`` (and a ``gradient``:
     a :class:`ProxyGradient` or the path of one saved by ``distillarena proxy-gradient``)."""
     params = dict(params or {})
-    if kind not in DEFENSE_KINDS:
-        raise UserError(f"unknown defense {kind!r}; expected one of {', '.join(DEFENSE_KINDS)}")
-    unknown = set(params) - _ALLOWED[kind]
-    if unknown:
-        raise UserError(f"defense {kind!r} does not take {', '.join(sorted(unknown))}; "
-                        f"its parameters are {', '.join(sorted(_ALLOWED[kind]))}")
+    try:
+        spec = defense_spec(kind)
+        check_defense(kind, params)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     temperature = float(params.get("temperature", 1.0))
     pad = getattr(tokenizer, "pad_token_id", None)
-    if kind in ("poe", "antidistillation") and proxy is None:
+    if spec.needs_proxy and proxy is None:
         raise UserError(f"defense {kind!r} needs a proxy model (set proxy in the config)")
     if kind == "poe":
         proc = ProductOfExpertsProcessor(proxy, params.get("gamma", 0.5), teacher=teacher,

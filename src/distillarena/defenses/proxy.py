@@ -21,8 +21,8 @@ import json
 import torch
 from torch import Tensor
 
+from distillarena.core.errors import UserError
 from distillarena.decoding.decoders import make_decoder, model_vocab_size
-from distillarena.errors import UserError
 
 
 def leading_pad_mask(input_ids: Tensor, pad_token_id: int | None) -> Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from distillarena.errors import UserError
+from distillarena.core.errors import UserError
 
 
 @dataclass

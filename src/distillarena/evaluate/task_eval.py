@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..decoding import SampleResult, sample
-from ..tasks.arithmetic import Problem, check_answer, step_validity
-from ..tasks.data import collate, encode_example, problem_example
+from distillarena.decoding import SampleResult, sample
+from distillarena.tasks.arithmetic import Problem, check_answer, step_validity
+from distillarena.tasks.data import collate, encode_example, problem_example
 
 
 @dataclass

@@ -18,14 +18,14 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor
 
-from ..attacks import oracle_traces, spearman, top_fraction, value_traces, value_weights, weight_stats
-from ..config import AttackerConfig, GameConfig
-from ..errors import UserError
-from ..objectives import TeacherSignal
-from ..tasks.data import IGNORE_INDEX, Example, encode_example
-from ..teachers.local import TextTeacher
-from ..train.distill import DistillLoss, DistillStream, Encoded, Stage
-from ..train.loop import LoopConfig, train
+from distillarena.attacks import oracle_traces, spearman, top_fraction, value_traces, value_weights, weight_stats
+from distillarena.core.errors import UserError
+from distillarena.game.config import AttackerConfig, GameConfig
+from distillarena.objectives import TeacherSignal
+from distillarena.tasks.data import IGNORE_INDEX, Example, encode_example
+from distillarena.teachers.local import TextTeacher
+from distillarena.train.distill import DistillLoss, DistillStream, Encoded, Stage
+from distillarena.train.loop import LoopConfig, train
 
 REVEALED_FLOOR = -30.0  # a revealed -inf (a token the defense excludes) enters the KD target as exp(-30)
 

@@ -1,11 +1,11 @@
 """Trace collection: the attacker queries a (defended) teacher on the first ``budget`` prompts of its pool and
 keeps what the teacher reveals (text; per-token log-probs and top-k if the reveal policy gives them).
 
-Sampling goes through :func:`distillarena.recipes.traces.run_traces` (resumable JSON lines, seeded per batch);
+Sampling goes through :func:`distillarena.game.traces.run_traces` (resumable JSON lines, seeded per batch);
 a finished collection is a folder written in one rename: ``traces.jsonl`` and ``meta.json`` (teacher utility
 on these queries and its cost).
 
-**Over HTTP** (``api`` in the game config, :class:`~distillarena.config.GameAPI`): the same batches are asked of a
+**Over HTTP** (``api`` in the game config, :class:`~distillarena.game.config.GameAPI`): the same batches are asked of a
 served teacher through :class:`~distillarena.teachers.APITeacher` (resumable too), one ``/v1/completions`` request
 per batch with the prompts as token ids and the batch's seed, with the key whose policy is the cell's defense. The
 server then makes the very sampler call ``run_traces`` makes (same rows, same padding, same generator seed, the
@@ -31,26 +31,18 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from ..config import DefenseConfig, GameConfig, PromptsConfig, TeacherConfig, TracesConfig
-from ..decoding import sample
-from ..errors import UserError
-from ..paths import atomic_dir, atomic_write_json, read_jsonl
-from ..recipes.teach import task_config, teach
-from ..recipes.traces import batch_seed, holdout_gradient, resolve_model, run_traces
-from ..tasks.arithmetic import ANSWER_PREFIX, ArithmeticTask, check_answer, extract_answer, step_validity
+from distillarena.core.errors import UserError
+from distillarena.core.io import atomic_dir, atomic_write_json, read_jsonl
+from distillarena.decoding import sample
+from distillarena.defenses.spec import DEFENSES
+from distillarena.game.config import DefenseConfig, GameConfig, PromptsConfig, TracesConfig
+from distillarena.game.traces import batch_seed, holdout_gradient, run_traces
+from distillarena.tasks.arithmetic import ANSWER_PREFIX, ArithmeticTask, check_answer, extract_answer, step_validity
+from distillarena.train.config import TeacherConfig
+from distillarena.train.teacher import resolve_model, task_config, teach
 
 META = "meta.json"
 TRACES = "traces.jsonl"
-
-
-def proxy_forwards_per_token(defense: DefenseConfig) -> int:
-    """Proxy forward passes per generated token: PoE one; antidistillation two (finite differences: the two
-    perturbed copies) or one forward-mode pass (``method: jvp``); the rest none."""
-    if defense.kind == "poe":
-        return 1
-    if defense.kind == "antidistillation":
-        return 1 if defense.params.get("method", "fd") == "jvp" else 2
-    return 0
 
 
 def traces_config(cfg: GameConfig, defense: DefenseConfig, seed: int) -> TracesConfig:
@@ -98,7 +90,7 @@ def collect(cfg: GameConfig, defense: DefenseConfig, seed: int, folder: Path, co
         return json.loads((folder / META).read_text())
     raw = folder.parent / f".{folder.name}.raw.jsonl"
     offline_s = 0.0
-    if defense.kind == "antidistillation" and cfg.api is None:  # the one offline cost: the proxy's holdout
+    if DEFENSES[defense.kind].needs_gradient and cfg.api is None:  # the one offline cost: the proxy's holdout
         proxy, proxy_tok, _ = resolve_model(defense.proxy, console)  # gradient (cached on disk)
         grad = holdout_gradient(proxy, proxy_tok, defense.holdout_traces, game_task(cfg), console)
         offline_s = float(grad.metadata.get("seconds", 0.0))
@@ -124,7 +116,8 @@ def collect(cfg: GameConfig, defense: DefenseConfig, seed: int, folder: Path, co
         if kl_known else None,
         "teacher_tokens_per_s": summary.get("tokens_per_s"),
         "teacher_tokens": n_tok, "sampling_wall_s": wall,
-        "proxy_forwards_per_token": proxy_forwards_per_token(defense), "offline_s": offline_s,
+        "proxy_forwards_per_token": DEFENSES[defense.kind].proxy_forwards_per_token(defense.params),
+        "offline_s": offline_s,
         "answer_forcing": cfg.answer_forcing,
     }
     if cfg.api is not None:
@@ -155,7 +148,7 @@ def _api_files(raw: Path) -> tuple[Path, Path]:
 
 def teacher_tokenizer(cfg: GameConfig, console: Console):
     """The tokenizer of the game's (local copy of the) teacher."""
-    from ..models.presets import load_tokenizer
+    from distillarena.models.presets import load_tokenizer
 
     if cfg.teacher.path is not None:
         return load_tokenizer(cfg.teacher.path)
@@ -178,7 +171,7 @@ def api_traces(cfg: GameConfig, defense: DefenseConfig, seed: int, out: Path, co
     """Ask the batches of ``run_traces`` (same prompts, same batches, same seeds) of the served teacher whose key
     applies ``defense``, and write trace records as ``run_traces`` writes them to ``out``. Resumable: the answers
     are kept, one line per batch, next to ``out`` until the collection is finished."""
-    from ..teachers.api_client import APITeacher
+    from distillarena.teachers.api_client import APITeacher
 
     api = cfg.api
     assert api is not None

@@ -11,10 +11,10 @@ on traces of the undefended teacher (temperature 1, no processor). When the unde
 
 from __future__ import annotations
 
-import math
-import statistics
 from collections import defaultdict
 from typing import Any
+
+from distillarena.report.stats import mean_std
 
 
 def recovery(acc: float, base: float, ref: float) -> tuple[float, str | None]:
@@ -24,19 +24,6 @@ def recovery(acc: float, base: float, ref: float) -> tuple[float, str | None]:
         return float("nan"), (f"undefined: the same attacker on undefended traces gains nothing over the base "
                               f"student (acc {ref:.3f} vs base {base:.3f})")
     return (acc - base) / gain, None
-
-
-def finite(x: Any) -> bool:
-    """A real number that is neither NaN nor infinite (None and strings are not)."""
-    return isinstance(x, int | float) and math.isfinite(x)
-
-
-def mean_std(xs: list[float | None]) -> tuple[float, float, int]:
-    """Mean and sample standard deviation of the finite values (NaN if none; std 0 for one value)."""
-    v = [float(x) for x in xs if x is not None and math.isfinite(float(x))]
-    if not v:
-        return float("nan"), float("nan"), 0
-    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0), len(v)
 
 
 AGGREGATED = ("recovery", "student_accuracy", "teacher_accuracy", "teacher_step_validity", "teacher_kl",

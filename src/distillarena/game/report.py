@@ -9,10 +9,10 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from ..config import GameConfig
-from ..recipes.report import Report
-from .collect import load_traces
-from .metrics import finite
+from distillarena.game.collect import load_traces
+from distillarena.game.config import GameConfig
+from distillarena.report.html import Report
+from distillarena.report.stats import finite
 
 COLORS = ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377", "#bbbbbb"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
@@ -110,7 +110,7 @@ def add_game_sections(r: Report, cfg: GameConfig, out: Path, rows: list[dict[str
     report embeds them after its own."""
     import json
 
-    from .sweep import UNDEFENDED, defense_label, traces_key
+    from distillarena.game.sweep import UNDEFENDED, traces_key
 
     out = Path(out)
     base = summary["base"]
@@ -152,7 +152,7 @@ def add_game_sections(r: Report, cfg: GameConfig, out: Path, rows: list[dict[str
     seed = cfg.seeds[0]
     columns = [("undefended", UNDEFENDED)]
     for d in cfg.defenses:
-        columns.append((defense_label(d.at(d.strengths[-1])), d.at(d.strengths[-1])))
+        columns.append((d.at(d.strengths[-1]).label, d.at(d.strengths[-1])))
     texts = []
     for _, dc in columns:
         folder = out / "traces" / traces_key(cfg, dc, seed)

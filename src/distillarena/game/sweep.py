@@ -35,27 +35,25 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from ..attacks.lm import Encoded
-from ..config import AttackerConfig, DefenseConfig, GameConfig, TeacherConfig, dump_config
-from ..errors import UserError
-from ..evaluate.task_eval import evaluate_problems, per_position_entropy
-from ..paths import atomic_dir, atomic_write_json, atomic_write_text, json_safe
-from ..recipes.traces import resolve_model
-from ..tasks.data import encode_example, problem_example
-from .attack import encode_traces, plan_attack, train_student
-from .collect import collect, game_task, load_traces
-from .metrics import aggregate, gaps, recovery
+from distillarena.attacks.lm import Encoded
+from distillarena.core.config import dump_config
+from distillarena.core.errors import UserError
+from distillarena.core.io import atomic_dir, atomic_write_json, atomic_write_text, json_safe
+from distillarena.defenses.spec import DEFENSES
+from distillarena.evaluate.task_eval import evaluate_problems, per_position_entropy
+from distillarena.game.attack import encode_traces, plan_attack, train_student
+from distillarena.game.collect import collect, game_task, load_traces
+from distillarena.game.config import AttackerConfig, DefenseConfig, GameConfig
+from distillarena.game.metrics import aggregate, gaps, recovery
+from distillarena.tasks.data import encode_example, problem_example
+from distillarena.train.config import TeacherConfig
+from distillarena.train.teacher import resolve_model
 
 UNDEFENDED = DefenseConfig(kind="none", params={})
 
 
 def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def defense_label(d: DefenseConfig) -> str:
-    inner = ", ".join(f"{k}={v}" for k, v in sorted(d.params.items()))
-    return f"{d.kind}({inner})" if inner else d.kind
 
 
 def world_of(cfg: GameConfig) -> dict[str, Any]:
@@ -65,9 +63,9 @@ def world_of(cfg: GameConfig) -> dict[str, Any]:
 
 
 def traces_key(cfg: GameConfig, d: DefenseConfig, seed: int) -> str:
-    proxy = d.proxy.model_dump(mode="json") if d.kind in ("poe", "antidistillation") else None
+    proxy = d.proxy.model_dump(mode="json") if DEFENSES[d.kind].needs_proxy else None
     what = {"world": world_of(cfg), "defense": d.kind, "params": d.params, "proxy": proxy,
-            "holdout_traces": d.holdout_traces if d.kind == "antidistillation" else None, "seed": seed,
+            "holdout_traces": d.holdout_traces if DEFENSES[d.kind].needs_gradient else None, "seed": seed,
             "budget": cfg.budget, "prompts": cfg.prompts.model_dump(mode="json"),
             "reveal": cfg.reveal.model_dump(mode="json"), "answer_forcing": cfg.answer_forcing,
             "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size}
@@ -97,7 +95,7 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return f"{defense_label(self.defense)} | {self.attacker.label} | seed {self.seed}"
+        return f"{self.defense.label} | {self.attacker.label} | seed {self.seed}"
 
 
 def plan_cells(cfg: GameConfig) -> list[Cell]:
@@ -205,7 +203,7 @@ class Game:
         entropy = (per_position_entropy(student, tok, self.entropy_problems) if self.entropy_problems else None)
         cell = {
             "key": key, "world": digest(world_of(self.cfg)), "defense": c.defense.kind,
-            "params": dict(c.defense.params), "defense_label": defense_label(c.defense),
+            "params": dict(c.defense.params), "defense_label": c.defense.label,
             "attacker": a.label, "attacker_kind": a.kind, "attacker_config": a.model_dump(mode="json"),
             "seed": c.seed, "budget": self.cfg.budget, "traces_key": tfolder.name, "base_key": base_key(self.cfg),
             "student_accuracy": ev.accuracy, "student_step_validity": ev.step_validity,
@@ -321,7 +319,7 @@ def rebuild(out: Path, cfg: GameConfig, console: Console | None = None, report: 
                "base": json.loads((out / "base" / f"{base_key(cfg)}.json").read_text())}
     atomic_write_json(out / "summary.json", summary)
     if report:
-        from .report import write_report
+        from distillarena.game.report import write_report
 
         path = write_report(cfg, out, rows, summ, summary)
         if console is not None:

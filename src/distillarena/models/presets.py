@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from ..errors import UserError
+from distillarena.core.errors import UserError
 
 # name -> (hidden, layers, heads, intermediate). Parameter counts with the built-in tokenizer (vocab 317,
 # tied embeddings) are listed in the README and checked by tests.

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
-from ..paths import atomic_dir, atomic_write_json, cache_dir
+from distillarena.core.errors import UserError
+from distillarena.core.io import atomic_dir, atomic_write_json, cache_dir
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -18,8 +18,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ..paths import atomic_dir, cache_dir
-from ..tasks.arithmetic import ArithmeticConfig, ArithmeticTask
+from distillarena.core.io import atomic_dir, cache_dir
+from distillarena.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"

@@ -25,9 +25,9 @@ temperature divides both logits and no T**2 factor is applied; computation is fl
 float64).
 """
 
-from . import divergences as divergences  # noqa: F401  (registers the built-in divergences)
-from . import onehot as onehot  # noqa: F401  (registers the one-hot estimators and hpd)
-from .engine import (
+from distillarena.objectives import divergences as divergences  # noqa: F401  (registers the built-in divergences)
+from distillarena.objectives import onehot as onehot  # noqa: F401  (registers the one-hot estimators and hpd)
+from distillarena.objectives.engine import (
     DEFAULT_CHUNK_ELEMENTS,
     ChunkResult,
     ObjectiveChunk,
@@ -36,16 +36,16 @@ from .engine import (
     VocabAlignmentWarning,
     compute_objective,
 )
-from .functional import generalized_jsd_loss, hpd_loss
-from .onehot import HPDWeights, hpd_weights, onehot_weight
-from .registry import (
+from distillarena.objectives.functional import generalized_jsd_loss, hpd_loss
+from distillarena.objectives.onehot import HPDWeights, hpd_weights, onehot_weight
+from distillarena.objectives.registry import (
     ObjectiveSpec,
     available_objectives,
     get_objective,
     register_objective,
     unregister_objective,
 )
-from .signals import IGNORE_INDEX, LMHeadInput, TeacherSignal
+from distillarena.objectives.signals import IGNORE_INDEX, LMHeadInput, TeacherSignal
 
 __all__ = [
     "compute_objective",

@@ -49,10 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distillarena.errors import UserError
-
-from .engine import ChunkResult, ObjectiveChunk, shifted_lse
-from .registry import register_objective
+from distillarena.core.errors import UserError
+from distillarena.objectives.engine import ChunkResult, ObjectiveChunk, shifted_lse
+from distillarena.objectives.registry import register_objective
 
 __all__ = ["DIVERGENCES", "divergence_value_and_grad"]
 

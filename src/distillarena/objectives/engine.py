@@ -64,10 +64,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distillarena.errors import UserError
-
-from .registry import ObjectiveSpec, get_objective
-from .signals import IGNORE_INDEX, LMHeadInput, TeacherSignal
+from distillarena.core.errors import UserError
+from distillarena.objectives.registry import ObjectiveSpec, get_objective
+from distillarena.objectives.signals import IGNORE_INDEX, LMHeadInput, TeacherSignal
 
 __all__ = [
     "compute_objective",

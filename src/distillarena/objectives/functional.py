@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distillarena.errors import UserError
-
-from .engine import compute_objective
-from .signals import IGNORE_INDEX, TeacherSignal
+from distillarena.core.errors import UserError
+from distillarena.objectives.engine import compute_objective
+from distillarena.objectives.signals import IGNORE_INDEX, TeacherSignal
 
 __all__ = ["generalized_jsd_loss", "hpd_loss"]
 

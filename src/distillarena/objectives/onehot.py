@@ -53,10 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distillarena.errors import UserError
-
-from .engine import ChunkResult, ObjectiveChunk, token_logprobs
-from .registry import register_objective
+from distillarena.core.errors import UserError
+from distillarena.objectives.engine import ChunkResult, ObjectiveChunk, token_logprobs
+from distillarena.objectives.registry import register_objective
 
 __all__ = ["HPDWeights", "hpd_weights", "onehot_weight", "sample_tokens"]
 

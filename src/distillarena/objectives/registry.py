@@ -14,7 +14,7 @@ the reduction::
         return (lp.exp() * (lp - lq)).sum(-1) + weight * (lq.exp() * (lq - lp)).sum(-1)
 
 Keyword-only parameters with defaults become the objective's parameters (``compute_objective(...,
-weight=0.2)``); an unknown parameter is a :class:`~distillarena.errors.UserError`. A function may instead
+weight=0.2)``); an unknown parameter is a :class:`~distillarena.core.errors.UserError`. A function may instead
 return a :class:`~distillarena.objectives.engine.ChunkResult` with an analytic gradient
 (``returns_grad=True``), which is how the built-ins avoid the cost of autograd on ``[C, V]`` tensors.
 """
@@ -26,9 +26,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from distillarena.errors import UserError
-
-from .signals import SIGNAL_KINDS
+from distillarena.core.errors import UserError
+from distillarena.objectives.signals import SIGNAL_KINDS
 
 __all__ = ["ObjectiveSpec", "register_objective", "available_objectives", "get_objective"]
 

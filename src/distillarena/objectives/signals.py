@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from distillarena.errors import UserError
+from distillarena.core.errors import UserError
 
 __all__ = ["LMHeadInput", "TeacherSignal", "SignalKind", "SIGNAL_KINDS", "IGNORE_INDEX"]
 

@@ -28,24 +28,18 @@ from typing import Any
 import matplotlib.pyplot as plt
 from rich.console import Console
 
-from ..config import (
-    CheckpointConfig,
-    DemoConfig,
-    DistillConfig,
-    LoggingConfig,
-    StudentConfig,
-    TeacherSource,
-    dump_config,
-)
-from ..errors import UserError
-from ..evaluate.task_eval import evaluate_problems, per_position_entropy
-from ..game.metrics import mean_std
-from ..models.presets import load_model, load_tokenizer
-from ..paths import JsonlWriter, atomic_write_json, atomic_write_text, json_safe
-from ..tasks.arithmetic import ArithmeticTask
-from .findings import compute_findings, format_mean_std
-from .report import Report
-from .teach import PROBE_DIFFICULTY, TeacherResult, task_config, teach
+from distillarena.core.config import dump_config
+from distillarena.core.errors import UserError
+from distillarena.core.io import JsonlWriter, atomic_write_json, atomic_write_text, json_safe
+from distillarena.evaluate.task_eval import evaluate_problems, per_position_entropy
+from distillarena.models.presets import load_model, load_tokenizer
+from distillarena.recipes.config import DemoConfig
+from distillarena.report.findings import compute_findings, format_mean_std
+from distillarena.report.html import Report
+from distillarena.report.stats import mean_std
+from distillarena.tasks.arithmetic import ArithmeticTask
+from distillarena.train.config import CheckpointConfig, DistillConfig, LoggingConfig, StudentConfig, TeacherSource
+from distillarena.train.teacher import PROBE_DIFFICULTY, TeacherResult, task_config, teach
 
 OBJECTIVE_LABELS = {"hpd": "HPD", "sft": "SFT", "seqkd": "SeqKD (one-hot forward KL)",
                     "rkl_onehot": "one-hot reverse KL", "jsd_onehot": "one-hot JSD"}
@@ -111,7 +105,7 @@ def run_demo(cfg: DemoConfig, out: Path, console: Console | None = None) -> Path
     game_rows = game_summary = None
     if cfg.game is not None:
         console.rule("[bold]4. The distillation game")
-        from ..game.sweep import run_game, table
+        from distillarena.game.sweep import run_game, table
 
         game_summary = run_game(cfg.game, out / "game", console=console)
         game_rows = table(cfg.game, out / "game")
@@ -133,7 +127,7 @@ def run_demo(cfg: DemoConfig, out: Path, console: Console | None = None) -> Path
     atomic_write_json(out / "summary.json", json_safe(summary))
     report = build_report(cfg, teacher, ev, entropy, distill_runs, findings, summary)
     if cfg.game is not None:
-        from ..game.report import add_game_sections
+        from distillarena.game.report import add_game_sections
 
         report.heading("The distillation game")
         report.text(f"Run folder {out / 'game'} (its own report.html and results.csv; rerun with "
@@ -157,7 +151,7 @@ def distill_config(cfg: DemoConfig, objective: str, seed: int, student: StudentC
 
 def run_distillations(cfg: DemoConfig, root: Path, probe, console: Console) -> list[dict[str, Any]]:
     """One distill run per (seed, objective); the final student's per-position entropy on ``probe``."""
-    from .distill import run_distill
+    from distillarena.recipes.distill import run_distill
 
     student = cfg.distill.student
     if student is None:
@@ -212,7 +206,7 @@ def build_report(cfg: DemoConfig, teacher: TeacherResult, ev, entropy, distill_r
     r.table(["#", "question", "verdict", "seeds", "evidence"],
             [[f["number"], f["question"], f["verdict"], ", ".join(map(str, f["seeds"])) or "-", f["evidence"]]
              for f in findings])
-    r.text("Computed from this run's numbers by distillarena.recipes.findings; with one seed they are anecdotes "
+    r.text("Computed from this run's numbers by distillarena.report.findings; with one seed they are anecdotes "
            "(examples/findings.yaml runs three).", note=True)
 
     r.heading("Teacher")

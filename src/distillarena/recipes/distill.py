@@ -25,16 +25,16 @@ import torch
 from accelerate import Accelerator
 from rich.console import Console
 
-from ..config import DistillConfig, StageConfig, dump_config
-from ..errors import UserError
-from ..models.presets import build_preset, count_parameters, load_model, load_tokenizer
-from ..models.tokenizer import task_tokenizer
-from ..objectives import available_objectives, get_objective
-from ..paths import JsonlWriter, atomic_dir, atomic_write_json, atomic_write_text, cache_dir
-from ..progress import progress as progress_bar
-from ..tasks.arithmetic import ArithmeticConfig, ArithmeticTask
-from ..tasks.data import Example, arithmetic_examples, collate, encode_example, load_examples
-from ..teachers import (
+from distillarena.core.config import dump_config
+from distillarena.core.errors import UserError
+from distillarena.core.io import JsonlWriter, atomic_dir, atomic_write_json, atomic_write_text, cache_dir
+from distillarena.core.progress import progress as progress_bar
+from distillarena.models.presets import build_preset, count_parameters, load_model, load_tokenizer
+from distillarena.models.tokenizer import task_tokenizer
+from distillarena.objectives import available_objectives, get_objective
+from distillarena.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
+from distillarena.tasks.data import Example, arithmetic_examples, collate, encode_example, load_examples
+from distillarena.teachers import (
     LocalTeacher,
     TextTeacher,
     TopKCache,
@@ -43,8 +43,9 @@ from ..teachers import (
     context_length,
     model_fingerprint,
 )
-from ..train.checkpoint import latest_checkpoint
-from ..train.distill import (
+from distillarena.train.checkpoint import latest_checkpoint
+from distillarena.train.config import DistillConfig, StageConfig
+from distillarena.train.distill import (
     DistillLoss,
     DistillStream,
     Encoded,
@@ -54,9 +55,9 @@ from ..train.distill import (
     heldout_divergences,
     sample_completions,
 )
-from ..train.loop import LoopConfig, StepLog, train
-from ..train.student import add_lora, copy_with_layers_dropped, plain_model
-from .teach import teach
+from distillarena.train.loop import LoopConfig, StepLog, train
+from distillarena.train.student import add_lora, copy_with_layers_dropped, plain_model
+from distillarena.train.teacher import teach
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -348,7 +349,7 @@ def seq_kd_pool(teacher: LocalTeacher, pool: list[Encoded], cfg: DistillConfig, 
 
 def evaluate_student(student: torch.nn.Module, tok, teacher: TeacherSetup, data: DataSetup, cfg: DistillConfig,
                      batch_size: int = 32) -> dict[str, Any]:
-    from ..evaluate.task_eval import evaluate_problems
+    from distillarena.evaluate.task_eval import evaluate_problems
 
     rec: dict[str, Any] = {}
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -431,7 +432,7 @@ def run_distill(cfg: DistillConfig, out: Path, *, resume: bool = False, overwrit
             raise UserError(f"top-k cache {cfg.teacher.cache} was built over other data than this config's "
                             "`data` section; leave `data` out (the cache's data is used) or rebuild the cache")
         if meta.get("data_config") is not None:
-            from ..config import DataConfig
+            from distillarena.train.config import DataConfig
 
             data_cfg = DataConfig.model_validate(meta["data_config"])
     max_len = max_length_of(cfg, student, teacher.model.model if teacher.model else None)

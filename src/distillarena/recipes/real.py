@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from ..models.presets import load_model, load_tokenizer
-from ..paths import atomic_dir, atomic_write_json
-from ..train.student import copy_with_layers_dropped
+from distillarena.core.errors import UserError
+from distillarena.core.io import atomic_dir, atomic_write_json
+from distillarena.models.presets import load_model, load_tokenizer
+from distillarena.train.student import copy_with_layers_dropped
 
 INFO = "distillarena_layers.json"
 

@@ -43,7 +43,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distillarena import __version__
-from distillarena.errors import UserError
+from distillarena.core.errors import UserError
 from distillarena.serve.config import ServeConfig
 from distillarena.serve.engine import Engine, EngineClosed, GenJob, GenResult, GenSequence, ServerMisconfigured
 from distillarena.serve.schemas import (

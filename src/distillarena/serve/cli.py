@@ -1,5 +1,5 @@
 """``distillarena serve``, ``keys`` (create | list | revoke) and ``ledger``: wired into the main CLI with
-:func:`add_serve_commands`. User errors are raised as :class:`~distillarena.errors.UserError`.
+:func:`add_serve_commands`. User errors are raised as :class:`~distillarena.core.errors.UserError`.
 
 The store (keys and ledger, one SQLite file) is found in this order: ``--store``, the serve config's ``store:``
 (``--config``), the default ``<cache>/serve/store.sqlite``; ``keys`` and ``ledger`` act on the same file the server
@@ -16,9 +16,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from distillarena.config import format_validation_error
-from distillarena.errors import UserError
-from distillarena.serve.config import DEFENSES, PARAMS, STRENGTH, PolicyConfig, ServeConfig, load_serve_config
+from distillarena.core.config import format_validation_error
+from distillarena.core.errors import UserError
+from distillarena.defenses.spec import DEFENSE_KINDS, DEFENSES
+from distillarena.serve.config import PolicyConfig, ServeConfig, load_serve_config
 
 
 def add_serve_commands(subparsers) -> None:
@@ -47,13 +48,13 @@ def add_serve_commands(subparsers) -> None:
     c.add_argument("--rate", type=_rate, default=_UNSET, help="rate limit in requests per minute ('none': "
                    "unlimited)")
     c.add_argument("--burst", type=float, help="token-bucket size of the rate limit (default: one minute's worth)")
-    c.add_argument("--defense", choices=DEFENSES, help="defense applied to this key's generations (the kinds of "
+    c.add_argument("--defense", choices=DEFENSE_KINDS, help="defense applied to this key's generations (the kinds of "
                    "a game config's defenses)")
     c.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="a parameter of the defense, as in a game config (repeatable): " + "; ".join(
-                       f"{d}: {', '.join(PARAMS[d])}" for d in DEFENSES))
+                       f"{d}: {', '.join(spec.parameter_names())}" for d, spec in DEFENSES.items()))
     c.add_argument("--strength", type=float, help="shorthand for the defense's main parameter: " + "; ".join(
-        f"{d}: {name}, {meaning}" for d, (name, meaning) in STRENGTH.items()))
+        f"{d}: {spec.main}, {spec.main_help}" for d, spec in DEFENSES.items() if spec.main))
     c.add_argument("--no-logprobs", action="store_true", help="reveal text only (log-prob requests get a 400)")
     c.add_argument("--top-logprobs", type=int, help="cap on revealed alternatives per token (0-20)")
     c.add_argument("--decimals", type=int, help="round revealed log-probs to this many decimals")

@@ -13,75 +13,14 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from distillarena.config import Strict, load_config
-from distillarena.errors import UserError
+from distillarena.core.config import Strict, load_config
+from distillarena.core.errors import UserError
+from distillarena.defenses.spec import DEFENSES, DefenseKind, check_defense, defense_label
 
-# The defense kinds and their parameters are those of ``distillarena.defenses.policy.build_policy`` (and of the
-# game's ``DefenseConfig``), so a game defense is exactly a key policy: ``{kind: poe, params: {gamma: 0.4}}`` in a
-# game config is ``{defense: poe, params: {gamma: 0.4}}`` here. (Listed here rather than imported, so that the key
-# commands do not import torch; a test checks the two agree.)
-DEFENSES = ("none", "temperature", "truncation", "poe", "antidistillation")
-PARAMS: dict[str, tuple[str, ...]] = {
-    "none": ("temperature",),
-    "temperature": ("temperature",),
-    "truncation": ("temperature", "top_k", "top_p"),
-    "poe": ("temperature", "gamma"),
-    "antidistillation": ("temperature", "lam", "method", "eps", "normalize"),
-}
-# ``--strength`` / ``strength:``: shorthand for each kind's main parameter
-STRENGTH = {
-    "temperature": ("temperature", "tau > 0: softmax(z / tau)"),
-    "poe": ("gamma", "gamma in [0, 1]: (1 - gamma) z_teacher + gamma z_proxy (default 0.5)"),
-    "antidistillation": ("lam", "lambda (finite): z / tau + lambda * b (default 0)"),
-}
 # the kinds and defaults of the policy format before it took build_policy's names (keys stored then still load)
 _LEGACY = {"top_k": ("truncation", "top_k", 5), "top_p": ("truncation", "top_p", 0.9),
            "temperature": ("temperature", "temperature", 2.0), "poe": ("poe", "gamma", 0.5),
            "antidistillation": ("antidistillation", "lam", 0.1)}
-
-
-def defense_label(kind: str, params: dict) -> str:
-    """``kind(name=value, ...)``: the game's label of a defense (``game.sweep.defense_label``), also the ledger's."""
-    inner = ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
-    return f"{kind}({inner})" if inner else kind
-
-
-def check_defense_params(kind: str, params: dict) -> None:
-    """Raise ValueError unless ``params`` are parameters of ``kind`` with valid values (what build_policy and the
-    processors would refuse later)."""
-    unknown = sorted(set(params) - set(PARAMS[kind]))
-    if unknown:
-        raise ValueError(f"defense {kind!r} does not take {', '.join(unknown)}; its parameters are "
-                         f"{', '.join(PARAMS[kind])}")
-
-    def number(name: str) -> float | None:
-        if name not in params:
-            return None
-        v = params[name]
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise ValueError(f"{kind} {name} must be a finite number, got {v!r}")
-        return float(v)
-
-    t = number("temperature")
-    if t is not None and not t > 0:
-        raise ValueError(f"{kind} temperature must be > 0, got {t:g}")
-    g = number("gamma")
-    if g is not None and not 0.0 <= g <= 1.0:
-        raise ValueError(f"poe gamma must be in [0, 1], got {g:g}")
-    number("lam")
-    k = number("top_k")
-    if k is not None and (k < 1 or int(k) != k):
-        raise ValueError(f"truncation top_k must be an integer >= 1, got {k:g}")
-    p = number("top_p")
-    if p is not None and not 0.0 < p <= 1.0:
-        raise ValueError(f"truncation top_p must be in (0, 1], got {p:g}")
-    e = number("eps")
-    if e is not None and not e > 0:
-        raise ValueError(f"antidistillation eps must be > 0, got {e:g}")
-    if params.get("method", "fd") not in ("fd", "jvp"):
-        raise ValueError(f"antidistillation method must be 'fd' or 'jvp', got {params['method']!r}")
-    if params.get("normalize", "unit") not in ("unit", "none"):
-        raise ValueError(f"antidistillation normalize must be 'unit' or 'none', got {params['normalize']!r}")
 
 
 class PolicyConfig(Strict):
@@ -95,14 +34,15 @@ class PolicyConfig(Strict):
     request's temperature and top_p come after the defense (a defense temperature tau and a request temperature t
     give ``softmax(z / tau / t)``).
 
-    ``strength`` is shorthand for the kind's main parameter (``STRENGTH``): ``{defense: poe, strength: 0.4}`` is
-    ``{defense: poe, params: {gamma: 0.4}}``. The policy is copied into the key's row when the key is created, so the
-    same key always gets the same policy (changing the server's default later does not change existing keys).
+    ``strength`` is shorthand for the kind's main parameter (``main`` in :mod:`distillarena.defenses.spec`):
+    ``{defense: poe, strength: 0.4}`` is ``{defense: poe, params: {gamma: 0.4}}``. The policy is copied into the
+    key's row when the key is created, so the same key always gets the same policy (changing the server's default
+    later does not change existing keys).
     """
 
-    defense: Literal["none", "temperature", "truncation", "poe", "antidistillation"] = "none"
+    defense: DefenseKind = "none"
     params: dict[str, float | int | str] = Field(default_factory=dict, description=(
-        "the defense's parameters, as in a game config's defenses (see PARAMS)"))
+        "the defense's parameters, as in a game config's defenses (distillarena.defenses.spec)"))
     logprobs: bool = Field(True, description="reveal log-probs at all (False: text only; asking for them is a 400)")
     max_top_logprobs: int = Field(5, ge=0, le=20, description="cap on top_logprobs / completions logprobs")
     decimals: int | None = Field(None, ge=0, le=10, description="round revealed log-probs to this many decimals")
@@ -125,10 +65,11 @@ class PolicyConfig(Strict):
                 strength = default
         elif strength is None:
             return data
-        elif kind in STRENGTH:
-            name = STRENGTH[kind][0]
+        elif kind in DEFENSES and DEFENSES[kind].main is not None:
+            name = DEFENSES[kind].main
         else:
-            raise ValueError(f"strength is shorthand for the main parameter of {', '.join(STRENGTH)}; "
+            with_main = [k for k, spec in DEFENSES.items() if spec.main is not None]
+            raise ValueError(f"strength is shorthand for the main parameter of {', '.join(with_main)}; "
                              f"give {kind!r} its params instead")
         params = dict(data.get("params") or {})
         if name in params:
@@ -143,12 +84,12 @@ class PolicyConfig(Strict):
     def _check(self) -> PolicyConfig:
         if not math.isfinite(self.noise_std):
             raise ValueError("noise_std must be finite")
-        check_defense_params(self.defense, self.params)
+        check_defense(self.defense, self.params)
         return self
 
     @property
     def needs_proxy(self) -> bool:
-        return self.defense in ("poe", "antidistillation")
+        return DEFENSES[self.defense].needs_proxy
 
     def label(self) -> str:
         """The ledger's and the game's label: ``none``, ``poe(gamma=0.5)``, ..."""
@@ -198,15 +139,15 @@ class ServeConfig(Strict):
     def store_path(self) -> Path:
         if self.store:
             return Path(self.store).expanduser()
-        from distillarena.paths import cache_dir
+        from distillarena.core.io import cache_dir
 
         return cache_dir() / "serve" / "store.sqlite"
 
     def model_path(self) -> str:
         if self.model:
             return self.model
-        from distillarena.config import TeacherConfig
-        from distillarena.recipes.teach import INFO_FILE, teacher_dir
+        from distillarena.train.config import TeacherConfig
+        from distillarena.train.teacher import INFO_FILE, teacher_dir
 
         path = teacher_dir(TeacherConfig())
         if not (path / INFO_FILE).exists():
@@ -219,5 +160,4 @@ def load_serve_config(path: str | Path | None) -> ServeConfig:
     return load_config(path, ServeConfig)
 
 
-__all__ = ["DEFENSES", "PARAMS", "STRENGTH", "BatchingConfig", "KeyDefaults", "PolicyConfig", "ServeConfig",
-           "check_defense_params", "defense_label", "load_serve_config"]
+__all__ = ["BatchingConfig", "KeyDefaults", "PolicyConfig", "ServeConfig", "load_serve_config"]

@@ -52,8 +52,8 @@ from pathlib import Path
 
 import torch
 
+from distillarena.core.errors import UserError
 from distillarena.decoding import cut_at_stop_strings, model_vocab_size, sample
-from distillarena.errors import UserError
 from distillarena.serve.config import PolicyConfig, ServeConfig
 
 NEG_INF_LOGPROB = -9999.0  # what OpenAI's API writes for a token with probability 0

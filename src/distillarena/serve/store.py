@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from distillarena.errors import UserError
+from distillarena.core.errors import UserError
 from distillarena.serve.config import PolicyConfig
 
 TOKEN_PREFIX = "da"

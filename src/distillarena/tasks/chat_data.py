@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from .arithmetic import ArithmeticConfig, ArithmeticTask
+from distillarena.core.errors import UserError
+from distillarena.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
 
 CHAMP_PACKAGE = "champ_dataset"
 CHAMP_FILE = "dataset_files/v0.json"
@@ -71,7 +71,7 @@ def champ_rows(limit: int | None = None) -> list[dict[str, Any]]:
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    from ..paths import atomic_write_text
+    from distillarena.core.io import atomic_write_text
 
     atomic_write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return Path(path)

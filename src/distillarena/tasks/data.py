@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
-from .arithmetic import ArithmeticConfig, ArithmeticTask, Problem
+from distillarena.core.errors import UserError
+from distillarena.tasks.arithmetic import ArithmeticConfig, ArithmeticTask, Problem
 
 IGNORE_INDEX = -100
 

@@ -9,9 +9,22 @@ take, for the same (shifted) positions as the student's logits.
 (The API teacher lives in ``teachers.api_client`` and is not imported here.)
 """
 
-from .compat import PROBE, check_tokenizers, context_length, model_fingerprint, tokenizer_fingerprint
-from .local import LocalTeacher, TextTeacher, final_hidden, output_head
-from .topk_cache import CacheStats, TopKCache, TopKCodec, build_topk_cache, cached_kl, topk_token_logprobs
+from distillarena.teachers.compat import (
+    PROBE,
+    check_tokenizers,
+    context_length,
+    model_fingerprint,
+    tokenizer_fingerprint,
+)
+from distillarena.teachers.local import LocalTeacher, TextTeacher, final_hidden, output_head
+from distillarena.teachers.topk_cache import (
+    CacheStats,
+    TopKCache,
+    TopKCodec,
+    build_topk_cache,
+    cached_kl,
+    topk_token_logprobs,
+)
 
 __all__ = [
     "PROBE",

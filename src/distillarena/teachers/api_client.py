@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distillarena.errors import UserError
-from distillarena.paths import read_jsonl
+from distillarena.core.errors import UserError
+from distillarena.core.io import read_jsonl
 
 # refusals that every later request would get too: stop instead of writing one error per prompt
 _FATAL_CODES = {"model_not_found", "invalid_api_key", "missing_api_key", "api_key_revoked", "insufficient_quota"}

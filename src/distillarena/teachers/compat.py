@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
+from distillarena.core.errors import UserError
 
 # Digits, the task's symbols, accents, an emoji, whitespace runs and a special token: a tokenizer that splits this
 # differently is a different tokenizer, whatever its size.

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..objectives import LMHeadInput, TeacherSignal
+from distillarena.objectives import LMHeadInput, TeacherSignal
 
 
 def final_hidden(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:

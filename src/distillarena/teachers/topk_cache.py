@@ -22,7 +22,7 @@ distribution: ``KL(p_teacher || p_cached)`` where ``p_cached`` spreads the tail 
 ``V - k`` tokens (the expansion of the stored signal with the least assumption), averaged over target positions.
 
 Every shard's SHA-256 is in the manifest and is checked when the cache is opened; the manifest carries its own
-checksum. A corrupted or mismatched cache is a :class:`~distillarena.errors.UserError`, never silently wrong
+checksum. A corrupted or mismatched cache is a :class:`~distillarena.core.errors.UserError`, never silently wrong
 targets.
 """
 
@@ -42,11 +42,11 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from torch import Tensor
 
-from ..errors import UserError
-from ..objectives import TeacherSignal
-from ..paths import atomic_dir
-from ..tasks.data import IGNORE_INDEX, collate
-from .compat import tokenizer_fingerprint
+from distillarena.core.errors import UserError
+from distillarena.core.io import atomic_dir
+from distillarena.objectives import TeacherSignal
+from distillarena.tasks.data import IGNORE_INDEX, collate
+from distillarena.teachers.compat import tokenizer_fingerprint
 
 FORMAT = "distillarena-topk-cache"
 VERSION = 1
@@ -401,7 +401,7 @@ class TopKCache:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from ..models.presets import load_tokenizer
+            from distillarena.models.presets import load_tokenizer
 
             self._tokenizer = load_tokenizer(str(self.path / "tokenizer"))
             if tokenizer_fingerprint(self._tokenizer) != self.manifest["tokenizer"]:

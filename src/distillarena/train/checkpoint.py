@@ -3,7 +3,7 @@
 Layout: ``<root>/step-00000120/`` holds ``model.pt`` (the unwrapped model's state dict), ``optimizer.pt``,
 ``scheduler.pt``, ``rng.pt`` (Python and torch RNG states of every process) and ``state.json`` (step, data
 position, token count, anything the job adds), written last. Each folder is built under a temporary name beside
-it and renamed into place in one step (:func:`distillarena.paths.atomic_dir`), so a folder named ``step-*`` is
+it and renamed into place in one step (:func:`distillarena.core.io.atomic_dir`), so a folder named ``step-*`` is
 always complete; a kill during a save leaves only a hidden ``.step-*.tmp-*`` folder, removed at the next start.
 Old checkpoints are pruned by renaming them out of the ``step-*`` namespace first, then deleting.
 
@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
-from ..paths import atomic_dir
+from distillarena.core.errors import UserError
+from distillarena.core.io import atomic_dir
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"

@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..decoding import sample
-from ..errors import UserError
-from ..objectives import LMHeadInput, TeacherSignal, compute_objective
-from ..tasks.data import IGNORE_INDEX, collate
-from ..teachers.local import final_hidden, output_head
-from ..teachers.topk_cache import topk_token_logprobs
+from distillarena.core.errors import UserError
+from distillarena.decoding import sample
+from distillarena.objectives import LMHeadInput, TeacherSignal, compute_objective
+from distillarena.tasks.data import IGNORE_INDEX, collate
+from distillarena.teachers.local import final_hidden, output_head
+from distillarena.teachers.topk_cache import topk_token_logprobs
 
 
 def seed_for(*parts: object) -> int:

@@ -31,8 +31,8 @@ import torch
 from accelerate import Accelerator
 from transformers import get_cosine_schedule_with_warmup
 
-from ..tasks.data import IGNORE_INDEX
-from . import checkpoint as ckpt
+from distillarena.tasks.data import IGNORE_INDEX
+from distillarena.train import checkpoint as ckpt
 
 LossFn = Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor]
 PrepareFn = Callable[[torch.nn.Module, dict[str, Any]], dict[str, Any]]

@@ -7,7 +7,7 @@ import copy
 
 import torch
 
-from ..errors import UserError
+from distillarena.core.errors import UserError
 
 
 def decoder_layers(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:

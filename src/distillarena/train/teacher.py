@@ -13,15 +13,15 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from ..config import TeacherConfig
-from ..evaluate.task_eval import evaluate_problems
-from ..models.presets import build_preset, count_parameters
-from ..models.tokenizer import task_tokenizer
-from ..paths import atomic_dir, atomic_write_json, cache_dir
-from ..progress import progress
-from ..tasks.arithmetic import ArithmeticConfig, ArithmeticTask
-from ..tasks.data import arithmetic_stream, collate, encode_example
-from ..train.loop import LoopConfig, StepLog, causal_lm_loss_sum, train
+from distillarena.core.io import atomic_dir, atomic_write_json, cache_dir
+from distillarena.core.progress import progress
+from distillarena.evaluate.task_eval import evaluate_problems
+from distillarena.models.presets import build_preset, count_parameters, load_model, load_tokenizer
+from distillarena.models.tokenizer import task_tokenizer
+from distillarena.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
+from distillarena.tasks.data import arithmetic_stream, collate, encode_example
+from distillarena.train.config import ModelRef, TeacherConfig
+from distillarena.train.loop import LoopConfig, StepLog, causal_lm_loss_sum, train
 
 INFO_FILE = "distillarena_teacher.json"
 LOG_FILE = "train_log.jsonl"
@@ -128,11 +128,19 @@ def teach(cfg: TeacherConfig, *, force: bool = False, console: Console | None = 
     return TeacherResult(path, False, info)
 
 
+def resolve_model(ref: ModelRef, console: Console) -> tuple[torch.nn.Module, Any, Path]:
+    """Load the model a :class:`ModelRef` names, training (or reusing) the built-in preset if needed."""
+    if ref.path is not None:
+        return load_model(ref.path), load_tokenizer(ref.path), Path(ref.path)
+    result = teach(ref.teach or TeacherConfig(), console=console)
+    return load_model(str(result.path)), load_tokenizer(str(result.path)), result.path
+
+
 def export_teacher(result: TeacherResult, out: Path, *, overwrite: bool = False) -> Path:
     """Copy a cached teacher folder to ``out`` (a plain ``save_pretrained`` folder)."""
     out = Path(out)
     if out.exists() and not overwrite:
-        from ..errors import UserError
+        from distillarena.core.errors import UserError
 
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
     with atomic_dir(out) as tmp:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from ..game.metrics import finite, mean_std
+from distillarena.report.stats import finite, mean_std
 
 QUESTIONS = {
     1: "Adaptive students recover at least as much as passive ones on defended traces; how large is the gap?",

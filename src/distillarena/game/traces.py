@@ -15,24 +15,17 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from ..config import DefenseConfig, ModelRef, TeacherConfig, TracesConfig
-from ..defenses.antidistillation import compute_proxy_gradient, load_proxy_gradient
-from ..defenses.policy import DecodingPolicy, build_policy
-from ..defenses.proxy import model_fingerprint
-from ..defenses.reveal import RevealTopK
-from ..models.presets import load_model, load_tokenizer
-from ..paths import JsonlWriter, cache_dir, read_jsonl, repair_jsonl
-from ..tasks.arithmetic import ArithmeticTask, check_answer, step_validity
-from ..tasks.data import collate, encode_example, problem_example
-from .teach import task_config, teach
-
-
-def resolve_model(ref: ModelRef, console: Console) -> tuple[torch.nn.Module, Any, Path]:
-    """Load the model a :class:`ModelRef` names, training (or reusing) the built-in preset if needed."""
-    if ref.path is not None:
-        return load_model(ref.path), load_tokenizer(ref.path), Path(ref.path)
-    result = teach(ref.teach or TeacherConfig(), console=console)
-    return load_model(str(result.path)), load_tokenizer(str(result.path)), result.path
+from distillarena.core.io import JsonlWriter, cache_dir, read_jsonl, repair_jsonl
+from distillarena.defenses.antidistillation import compute_proxy_gradient, load_proxy_gradient
+from distillarena.defenses.policy import DecodingPolicy, build_policy
+from distillarena.defenses.proxy import model_fingerprint
+from distillarena.defenses.reveal import RevealTopK
+from distillarena.defenses.spec import DEFENSES
+from distillarena.game.config import DefenseConfig, TracesConfig
+from distillarena.tasks.arithmetic import ArithmeticTask, check_answer, step_validity
+from distillarena.tasks.data import collate, encode_example, problem_example
+from distillarena.train.config import TeacherConfig
+from distillarena.train.teacher import resolve_model, task_config
 
 
 def holdout_gradient(proxy: torch.nn.Module, tokenizer, n_traces: int, task: ArithmeticTask, console: Console):
@@ -51,9 +44,10 @@ def holdout_gradient(proxy: torch.nn.Module, tokenizer, n_traces: int, task: Ari
 def build_defense(cfg: DefenseConfig, teacher: torch.nn.Module, tokenizer, task: ArithmeticTask,
                   console: Console) -> DecodingPolicy:
     proxy = proxy_tok = gradient = None
-    if cfg.kind in ("poe", "antidistillation"):
+    spec = DEFENSES[cfg.kind]
+    if spec.needs_proxy:
         proxy, proxy_tok, _ = resolve_model(cfg.proxy, console)
-        if cfg.kind == "antidistillation":
+        if spec.needs_gradient:
             gradient = holdout_gradient(proxy, proxy_tok, cfg.holdout_traces, task, console)
     return build_policy(cfg.kind, cfg.params, teacher=teacher, tokenizer=tokenizer, proxy=proxy,
                         proxy_tokenizer=proxy_tok, gradient=gradient)

@@ -1,0 +1,299 @@
+"""Configs of defended decoding (``distillarena traces``) and of the distillation game (``distillarena game``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from distillarena.core.config import Strict
+from distillarena.core.errors import UserError
+from distillarena.defenses.spec import DefenseKind, check_defense, defense_label
+from distillarena.tasks.config import TaskConfig
+from distillarena.train.config import ModelRef, TeacherConfig, TrainConfig
+
+
+def default_proxy() -> ModelRef:
+    """The proxy student of PoE and antidistillation: the tiny preset trained briefly on the built-in task."""
+    return ModelRef(teach=TeacherConfig(preset="tiny", train=TrainConfig(steps=300, lr=3e-3)))
+
+
+class DefenseConfig(Strict):
+    """One defense at one strength: a kind and its parameters from the table in :mod:`distillarena.defenses.spec`
+    (validated when the config loads), and the proxy it runs with if it needs one."""
+
+    kind: DefenseKind = "none"
+    params: dict[str, float | int | str] = Field(default_factory=dict,
+                                                 description="the kind's parameters (distillarena.defenses.spec)")
+    proxy: ModelRef = Field(default_factory=default_proxy, description="used by poe and antidistillation")
+    holdout_traces: int = Field(256, ge=1, description="holdout problems for the antidistillation gradient")
+
+    @model_validator(mode="after")
+    def _valid_params(self) -> DefenseConfig:
+        check_defense(self.kind, self.params)
+        return self
+
+    @property
+    def label(self) -> str:
+        return defense_label(self.kind, self.params)
+
+
+class RevealConfig(Strict):
+    """What the traces keep of the teacher's distribution, as an API would reveal it."""
+
+    top_k: int | None = Field(None, ge=1, le=20)
+    decimals: int | None = Field(None, ge=0)
+    noise_std: float = Field(0.0, ge=0)
+
+
+class PromptsConfig(Strict):
+    split: Literal["train", "holdout", "test"] = "train"
+    n: int = Field(256, ge=1)
+    n_ops: list[int] = Field(default_factory=lambda: [1, 2, 3, 4])
+    seed: int = 0
+
+
+class TracesConfig(Strict):
+    """``distillarena traces``: sample a (defended) teacher on task prompts into a resumable JSON lines file."""
+
+    teacher: ModelRef = Field(default_factory=lambda: ModelRef(teach=TeacherConfig()))
+    defense: DefenseConfig = Field(default_factory=DefenseConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    reveal: RevealConfig = Field(default_factory=RevealConfig)
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+
+
+# --- the distillation game (``distillarena game``) ----------------------------------------------------------------
+
+
+def default_game_student() -> ModelRef:
+    """The attacker's student before it sees any trace: the small preset under-trained on the task (300 steps on 1-
+    and 2-operation problems: about 60% / 20% accuracy), so that the teacher's traces have capability to add. (A
+    student trained on 1-operation problems only learned 2-operation problems too slowly from a few hundred
+    traces for the undefended reference to gain anything, which leaves the recovery undefined.)"""
+    return ModelRef(teach=TeacherConfig(preset="small", task=TaskConfig(n_ops=[1, 2]),
+                                        train=TrainConfig(steps=300, lr=3e-3, eval_every=0)))
+
+
+class GameDefense(Strict):
+    """One defense kind swept over strengths (each a ``params`` dict of :class:`DefenseConfig`)."""
+
+    kind: DefenseKind = "none"
+    strengths: list[dict[str, float | int | str]] = Field(default_factory=lambda: [{}], min_length=1)
+    proxy: ModelRef = Field(default_factory=default_proxy, description="used by poe and antidistillation")
+    holdout_traces: int = Field(256, ge=1, description="holdout problems for the antidistillation gradient")
+
+    @model_validator(mode="after")
+    def _valid_strengths(self) -> GameDefense:
+        for params in self.strengths:
+            check_defense(self.kind, params)
+        return self
+
+    def at(self, params: dict[str, float | int | str]) -> DefenseConfig:
+        return DefenseConfig(kind=self.kind, params=dict(params), proxy=self.proxy,
+                             holdout_traces=self.holdout_traces)
+
+
+class AttackerConfig(Strict):
+    """The student's use of the traces. ``passive``: uniform weights. ``adaptive``: weights ``exp(beta * sign *
+    clip(z))`` from the finite-difference value of each trace (``z`` standardised, clipped to ``[-clip, clip]``,
+    weights normalised to mean 1; ``sign: 1`` upweights traces whose training lowers the student's holdout loss,
+    ``sign: -1`` reproduces the reference code). ``filter``: keep the ``keep`` fraction of highest value, uniform
+    weights. ``objective``: ``sft`` (weighted SFT on the text) or ``fkl`` (forward KL to the revealed top-k
+    log-probs, weighted the same way; needs ``reveal.top_k``)."""
+
+    name: str | None = None
+    kind: Literal["passive", "adaptive", "filter"] = "passive"
+    beta: float = Field(1.0, ge=0)
+    sign: Literal[1, -1] = 1
+    clip: float = Field(3.0, gt=0)
+    standardize: bool = True
+    eps: float = Field(1e-2, gt=0, description="finite-difference step along the unit holdout gradient")
+    keep: float = Field(0.5, gt=0, le=1, description="fraction kept by the filter")
+    objective: Literal["sft", "fkl"] = "sft"
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.kind == "passive":
+            base = "passive"
+        elif self.kind == "adaptive":
+            base = f"adaptive(beta={self.beta:g}{'' if self.sign == 1 else ', sign=-1'})"
+        else:
+            base = f"filter(keep={self.keep:g}{'' if self.sign == 1 else ', sign=-1'})"
+        return base if self.objective == "sft" else f"{base}+{self.objective}"
+
+
+class GamePrompts(Strict):
+    """The attacker's prompt pool: ``pool`` distinct train-split problems; it queries the first ``budget``."""
+
+    pool: int = Field(2048, ge=1)
+    n_ops: list[int] = Field(default_factory=lambda: [1, 2])
+    seed: int = 0
+
+
+class GameTrainConfig(Strict):
+    """The attacker's training run (the project's one loop), the same for every cell."""
+
+    steps: int = Field(250, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+
+
+class GameEvalConfig(Strict):
+    n_problems: int = Field(200, ge=1, description="test problems for student accuracy (greedy)")
+    difficulties: list[int] = Field(default_factory=lambda: [1, 2])
+    max_new_tokens: int = Field(64, ge=1)
+    entropy_problems: int = Field(64, ge=0, description="test problems for per-position entropies (0: none)")
+
+
+class OracleConfig(Strict):
+    """The oracle check of adaptive attackers: the actual holdout-loss change after one SGD step (``lr``) on each
+    of ``n_traces`` traces, rank-correlated with the cheap value (0: off). The value is first-order: with a tiny
+    ``lr`` the correlation tends to 1 by construction; with a large one the curvature of the loss dominates (measured
+    on the built-in world, 32 traces: 0.75-0.99 at lr 1e-3, -0.43 to +0.85 at 1e-2, -0.26 to +0.19 at 5e-2,
+    depending on the student)."""
+
+    n_traces: int = Field(32, ge=0)
+    lr: float = Field(0.01, gt=0)
+
+
+def _same_params(a: dict, b: dict) -> bool:
+    """Equal defense parameters, numbers compared as numbers (``{top_k: 5}`` is ``{top_k: 5.0}``)."""
+    def norm(d: dict) -> dict:
+        return {k: float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for k, v in d.items()}
+
+    return norm(a) == norm(b)
+
+
+class GameAPIKey(Strict):
+    """One API key of the served teacher, and the defense its key policy applies: ``defense`` and ``params`` are a
+    game defense (``kind`` and ``params`` of :class:`DefenseConfig`), which is also exactly how the server writes a
+    key's policy (``distillarena keys create --defense poe --param gamma=0.4``). The game trusts this declaration
+    (an API does not say what it applies); it labels the cell, and only a cell of that defense uses the key."""
+
+    key: str | None = Field(None, description="the bearer token (key_env keeps it out of the config file)")
+    key_env: str | None = Field(None, description="name of the environment variable holding the token")
+    defense: DefenseKind = "none"
+    params: dict[str, float | int | str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_token(self) -> GameAPIKey:
+        if (self.key is None) == (self.key_env is None):
+            raise ValueError("give the key's token as exactly one of key, key_env")
+        check_defense(self.defense, self.params)
+        return self
+
+    def token(self) -> str:
+        if self.key is not None:
+            return self.key
+        import os
+
+        value = os.environ.get(self.key_env or "")
+        if not value:
+            raise UserError(f"environment variable {self.key_env} (the API key of defense {self.defense}) is not set")
+        return value
+
+    def serves(self, d: DefenseConfig) -> bool:
+        return self.defense == d.kind and _same_params(self.params, d.params)
+
+
+class GameAPI(Strict):
+    """Collect the traces from a teacher behind an OpenAI-compatible API (``distillarena serve``, or any server
+    with the same extensions) instead of sampling it in process.
+
+    Each cell's defense is applied by the server: a cell uses the key in ``keys`` whose declared defense is the
+    cell's (kind and params; one for ``none`` too, the undefended reference), and a defense with no key is a
+    config error. The cell's ``proxy`` and ``holdout_traces`` are then the server's business (they only label).
+    ``reveal.top_k`` is asked per request (the key's policy must allow it); rounding and noise are the key's (set
+    ``reveal.decimals`` / ``noise_std`` to what the key applies, for the labels).
+
+    Every batch of ``batch_size`` prompts is one ``/v1/completions`` request: the prompts as token ids of the local
+    teacher's tokenizer, ``seed`` the batch's seed (as in process), temperature 1, ``max_tokens`` =
+    ``max_new_tokens``; so the server runs exactly the sampler call of the in-process collection and a cell played
+    over HTTP gives the same traces and the same numbers as in process, except what an API cannot reveal: the
+    undefended teacher's log-probs, hence ``teacher_kl`` (null over the API). The server must accept
+    ``batch_size`` prompts per request (``max_prompts`` of the serve config). ``token_ids`` asks for the sampled
+    token ids (``return_tokens_as_token_ids``, vLLM's extension; this project's server reveals the EOS with it);
+    ``false`` (a provider without it): text only, the tokens re-encoded from the text, and no top-k.
+    """
+
+    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
+    model: str = Field(description="the served model's id (GET /v1/models)")
+    keys: list[GameAPIKey] = Field(min_length=1)
+    token_ids: bool = True
+    concurrency: int = Field(4, ge=1, description="requests in flight at most")
+    max_retries: int = Field(8, ge=0, description="retries of a request on 429 / 5xx / connection errors")
+    timeout: float = Field(600.0, gt=0, description="seconds per request")
+
+    def key_for(self, d: DefenseConfig) -> GameAPIKey:
+        for k in self.keys:
+            if k.serves(d):
+                return k
+        params = ", ".join(f"{k}={v}" for k, v in sorted(d.params.items()))
+        raise UserError(f"api.keys has no key for defense {d.kind}({params}): add one whose policy applies it")
+
+
+class GameConfig(Strict):
+    """``distillarena game``: defenses x strengths x attackers x seeds, one cached cell each.
+
+    With ``api`` (:class:`GameAPI`) the traces come from a served teacher over HTTP; ``teacher`` then names the
+    local copy of the served model, used for its tokenizer, the teacher's greedy accuracy and answer forcing."""
+
+    teacher: ModelRef = Field(default_factory=lambda: ModelRef(teach=TeacherConfig()))
+    student: ModelRef = Field(default_factory=default_game_student)
+    defenses: list[GameDefense] = Field(default_factory=lambda: [
+        GameDefense(kind="temperature", strengths=[{"temperature": 1.5}, {"temperature": 2.0}]),
+        GameDefense(kind="poe", strengths=[{"gamma": 0.4}, {"gamma": 0.7}]),
+    ], min_length=1)
+    attackers: list[AttackerConfig] = Field(default_factory=lambda: [
+        AttackerConfig(kind="passive"), AttackerConfig(kind="adaptive", beta=1.0)], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    budget: int = Field(1024, ge=1, description="teacher queries (traces) per cell")
+    prompts: GamePrompts = Field(default_factory=GamePrompts)
+    holdout: int = Field(128, ge=1, description="the attacker's clean holdout examples (reference solutions)")
+    reveal: RevealConfig = Field(default_factory=RevealConfig)
+    answer_forcing: bool = Field(False, description="the undefended teacher completes a missing Answer line "
+                                                    "(flatters the defense; as in the reference code)")
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="teacher sampling batch")
+    train: GameTrainConfig = Field(default_factory=GameTrainConfig)
+    eval: GameEvalConfig = Field(default_factory=GameEvalConfig)
+    oracle: OracleConfig = Field(default_factory=OracleConfig)
+    api: GameAPI | None = Field(None, description="collect the traces over HTTP from a served teacher (GameAPI)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GameConfig:
+        if self.budget > self.prompts.pool:
+            raise ValueError(f"budget ({self.budget} queries) is larger than the prompt pool "
+                             f"(prompts.pool = {self.prompts.pool}); raise the pool or lower the budget")
+        labels = [a.label for a in self.attackers]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"attackers {', '.join(dup)} appear twice; give them distinct settings or names")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds must be distinct")
+        for a in self.attackers:
+            if a.objective == "fkl" and self.reveal.top_k is None:
+                raise ValueError(f"attacker {a.label} learns from revealed top-k log-probs: set reveal.top_k")
+            if a.objective == "fkl" and self.answer_forcing:
+                raise ValueError(f"attacker {a.label}: answer forcing appends text with no revealed log-probs; "
+                                 "use objective sft or answer_forcing: false")
+        if self.api is not None:
+            if self.reveal.top_k is not None and not self.api.token_ids:
+                raise ValueError("reveal.top_k over the API needs the sampled token ids: set api.token_ids")
+            wanted = [DefenseConfig()] + [d.at(p) for d in self.defenses for p in d.strengths]
+            missing = sorted({f"{d.kind}{d.params or ''}" for d in wanted
+                              if not any(k.serves(d) for k in self.api.keys)})
+            if missing:
+                raise ValueError(f"api.keys has no key for the defenses {', '.join(missing)} (the undefended "
+                                 "reference cells need a key of defense none): add a key whose policy applies each")
+        return self
+
