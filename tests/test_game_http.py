@@ -9,21 +9,21 @@ import pytest
 import torch
 
 from distillarena.core.errors import UserError
-from distillarena.game.config import DefenseConfig, DefenseKind, GameConfig
-from distillarena.serve.config import DEFENSES, PARAMS, BatchingConfig, PolicyConfig, ServeConfig
+from distillarena.defenses.spec import DEFENSE_KINDS
+from distillarena.game.config import DefenseConfig, GameAPIKey, GameConfig, GameDefense
+from distillarena.serve.config import BatchingConfig, PolicyConfig, ServeConfig
 from distillarena.serve.testing import running_server, save_tiny_model
 
 BATCH = 4
 
 
 def test_key_policies_name_defenses_as_the_game_does():
-    from distillarena.defenses.policy import _ALLOWED, DEFENSE_KINDS
-    from distillarena.game.sweep import defense_label
-
-    assert DEFENSES == DEFENSE_KINDS == typing.get_args(DefenseKind)
-    assert {k: set(v) for k, v in PARAMS.items()} == _ALLOWED
+    # one table (defenses.spec): the game's defenses, the game's API keys and the server's key policies take its kinds
+    for model, field in ((DefenseConfig, "kind"), (GameDefense, "kind"), (GameAPIKey, "defense"),
+                         (PolicyConfig, "defense")):
+        assert typing.get_args(model.model_fields[field].annotation) == DEFENSE_KINDS
     d = DefenseConfig(kind="truncation", params={"top_k": 5, "temperature": 1.5})
-    assert PolicyConfig(defense=d.kind, params=d.params).label() == defense_label(d) == \
+    assert PolicyConfig(defense=d.kind, params=d.params).label() == d.label == \
         "truncation(temperature=1.5, top_k=5)"
     # `strength` is shorthand for the main parameter; keys stored in the earlier format still load, meaning the same
     assert PolicyConfig(defense="poe", strength=0.4).params == {"gamma": 0.4}
@@ -55,9 +55,9 @@ def proxy_gradient(paths) -> str:
     from rich.console import Console
 
     from distillarena.core.io import cache_dir
-    from distillarena.defenses.proxy import model_fingerprint
     from distillarena.game.collect import game_task
     from distillarena.game.traces import holdout_gradient
+    from distillarena.models.fingerprint import model_fingerprint
     from distillarena.models.presets import load_model, load_tokenizer
 
     proxy, task = load_model(paths["proxy"]), game_task(game_config(paths))
@@ -131,13 +131,13 @@ TRACE_FIELDS = ("index", "prompt", "completion", "answer", "correct", "step_vali
 
 def test_a_sweep_over_http_gives_the_same_numbers_as_in_process(world, tmp_path):
     torch.set_num_threads(1)
-    from distillarena.game import sweep
+    from distillarena.game import keys, sweep
 
     paths, srv = world
     local = game_config(paths)
     api = {"base_url": srv.base_url, "model": srv.model, "keys": keys_for(srv, DEFENSES_PLAYED)}
     remote = game_config(paths, api=api)
-    assert sweep.traces_key(local, sweep.UNDEFENDED, 3) != sweep.traces_key(remote, sweep.UNDEFENDED, 3)
+    assert keys.traces_key(local, keys.UNDEFENDED, 3) != keys.traces_key(remote, keys.UNDEFENDED, 3)
     before = srv.engine.batches
     sweep.run_game(local, tmp_path / "local")
     sweep.run_game(remote, tmp_path / "http")

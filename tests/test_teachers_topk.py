@@ -13,8 +13,9 @@ from test_distill_support import one_thread, tiny_teacher  # noqa: F401
 
 from distillarena.core.errors import UserError
 from distillarena.models.presets import load_model
+from distillarena.objectives.signals import topk_token_logprobs
 from distillarena.tasks.data import arithmetic_examples, collate, encode_example
-from distillarena.teachers import LocalTeacher, TopKCache, TopKCodec, build_topk_cache, cached_kl, topk_token_logprobs
+from distillarena.teachers import LocalTeacher, TopKCache, TopKCodec, build_topk_cache, cached_kl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

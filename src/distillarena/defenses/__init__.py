@@ -31,9 +31,7 @@ _WHERE = {
     "leading_pad_mask": "distillarena.defenses.proxy",
     "load_proxy_gradient": "distillarena.defenses.antidistillation",
     "log_softmax_jvp": "distillarena.defenses.antidistillation",
-    "model_fingerprint": "distillarena.defenses.proxy",
     "product_of_experts": "distillarena.defenses.poe",
-    "tokenizer_fingerprint": "distillarena.defenses.proxy",
 }
 
 

@@ -48,12 +48,8 @@ from transformers import LogitsProcessor
 
 from distillarena.core.errors import UserError
 from distillarena.decoding.decoders import model_vocab_size, positions_from_mask
-from distillarena.defenses.proxy import (
-    LockstepProxy,
-    check_same_vocabulary,
-    model_fingerprint,
-    tokenizer_fingerprint,
-)
+from distillarena.defenses.proxy import LockstepProxy, check_same_vocabulary
+from distillarena.models.fingerprint import model_fingerprint, tokenizer_fingerprint
 
 FORMAT = "distillarena.proxy_gradient/1"
 NORMALIZATIONS = ("unit", "none")

@@ -15,14 +15,12 @@ them, feeding the proxy one token per step:
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import torch
 from torch import Tensor
 
 from distillarena.core.errors import UserError
 from distillarena.decoding.decoders import make_decoder, model_vocab_size
+from distillarena.models.fingerprint import tokenizer_fingerprint
 
 
 def leading_pad_mask(input_ids: Tensor, pad_token_id: int | None) -> Tensor:
@@ -96,42 +94,8 @@ def check_same_vocabulary(teacher_vocab_size: int | None, proxy: torch.nn.Module
     return proxy_vocab
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of a tokenizer's vocabulary (token -> id) and special tokens."""
-    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    special = getattr(tokenizer, "all_special_tokens", [])
-    blob = json.dumps([sorted(vocab.items()), sorted(map(str, special))], ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache", "_commit_hash"}
-
-
-def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
-    """sha256 identifying a model's architecture and weights: its config (minus volatile keys), every parameter's
-    name, shape and dtype, and up to ``samples_per_tensor`` evenly strided values of each parameter (in float32).
-
-    Cheap enough for multi-billion-parameter models; any training step or different initialisation changes it.
-    """
-    h = hashlib.sha256()
-    cfg = getattr(model, "config", None)
-    if cfg is not None:
-        d = {k: v for k, v in cfg.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-        h.update(json.dumps(d, sort_keys=True, default=str).encode())
-    h.update(type(model).__name__.encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            flat = p.detach().reshape(-1)
-            step = max(1, flat.numel() // samples_per_tensor)
-            h.update(flat[::step][:samples_per_tensor].to(torch.float32).cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 __all__ = [
     "LockstepProxy",
     "check_same_vocabulary",
     "leading_pad_mask",
-    "model_fingerprint",
-    "tokenizer_fingerprint",
 ]

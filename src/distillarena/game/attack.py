@@ -21,7 +21,7 @@ from torch import Tensor
 from distillarena.attacks import oracle_traces, spearman, top_fraction, value_traces, value_weights, weight_stats
 from distillarena.core.errors import UserError
 from distillarena.game.config import AttackerConfig, GameConfig
-from distillarena.objectives import TeacherSignal
+from distillarena.objectives import TeacherSignal, get_objective
 from distillarena.tasks.data import IGNORE_INDEX, Example, encode_example
 from distillarena.teachers.local import TextTeacher
 from distillarena.train.distill import DistillLoss, DistillStream, Encoded, Stage
@@ -63,7 +63,7 @@ def encode_traces(records: list[dict[str, Any]], tok, *, objective: str, forced:
                   ) -> tuple[list[tuple[list[int], list[int]]], RevealedTopK | None]:
     """SFT: the completion *text* re-encoded (what a text API reveals; the answer-forced text if ``forced``).
     KD: the sampled token ids, with the revealed top-k rows aligned to them."""
-    if objective == "sft":
+    if not get_objective(objective).uses_teacher:
         enc = [encode_example(tok, Example(prompt=r["prompt"],
                                            completion=r["forced_completion"] if forced else r["completion"]))
                for r in records]
@@ -71,7 +71,7 @@ def encode_traces(records: list[dict[str, Any]], tok, *, objective: str, forced:
     enc, rows = [], []
     for r in records:
         if "top_ids" not in r:
-            raise UserError("objective fkl needs revealed top-k log-probs in the traces (set reveal.top_k)")
+            raise UserError(f"objective {objective} needs revealed top-k log-probs in the traces (set reveal.top_k)")
         p = tok(r["prompt"])["input_ids"]
         toks = list(r["tokens"])
         enc.append((p + toks, [IGNORE_INDEX] * len(p) + toks))
@@ -129,7 +129,7 @@ def train_student(student: torch.nn.Module, traces: list, plan: Plan, topk: Reve
     pool = [Encoded(traces[i][0], traces[i][1], w) for i, w in zip(plan.keep, plan.weights, strict=True)]
     objective = attacker.objective
     teacher: Any = TextTeacher()
-    if objective != "sft":
+    if get_objective(objective).uses_teacher:
         assert topk is not None
         teacher = RevealedTopK([topk.rows[i] for i in plan.keep])
     stages = [Stage(1, cfg.train.steps, objective, {})]

@@ -39,7 +39,7 @@ from distillarena.game.config import DefenseConfig, GameConfig, PromptsConfig, T
 from distillarena.game.traces import batch_seed, holdout_gradient, run_traces
 from distillarena.tasks.arithmetic import ANSWER_PREFIX, ArithmeticTask, check_answer, extract_answer, step_validity
 from distillarena.train.config import TeacherConfig
-from distillarena.train.teacher import resolve_model, task_config, teach
+from distillarena.train.teacher import model_path, resolve_model, task_config
 
 META = "meta.json"
 TRACES = "traces.jsonl"
@@ -150,9 +150,7 @@ def teacher_tokenizer(cfg: GameConfig, console: Console):
     """The tokenizer of the game's (local copy of the) teacher."""
     from distillarena.models.presets import load_tokenizer
 
-    if cfg.teacher.path is not None:
-        return load_tokenizer(cfg.teacher.path)
-    return load_tokenizer(str(teach(cfg.teacher.teach or TeacherConfig(), console=console).path))
+    return load_tokenizer(str(model_path(cfg.teacher, console)))
 
 
 def _token_id(name: str) -> int:

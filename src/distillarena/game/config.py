@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from distillarena.core.config import Strict
 from distillarena.core.errors import UserError
 from distillarena.defenses.spec import DefenseKind, check_defense, defense_label
+from distillarena.objectives import get_objective
 from distillarena.tasks.config import TaskConfig
 from distillarena.train.config import ModelRef, TeacherConfig, TrainConfig
 
@@ -112,7 +113,25 @@ class AttackerConfig(Strict):
     standardize: bool = True
     eps: float = Field(1e-2, gt=0, description="finite-difference step along the unit holdout gradient")
     keep: float = Field(0.5, gt=0, le=1, description="fraction kept by the filter")
-    objective: Literal["sft", "fkl"] = "sft"
+    objective: str = Field("sft", description="a registered objective that learns from text alone (sft) or from "
+                           "revealed top-k log-probs (fkl, rkl, jsd, ...)")
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, v: str) -> str:
+        try:
+            spec = get_objective(v)
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        if spec.uses_teacher and "topk" not in spec.accepted_signals:
+            raise ValueError(f"objective {v!r} cannot learn from revealed top-k log-probs (it takes "
+                             f"{', '.join(sorted(spec.accepted_signals))})")
+        return v
+
+    @property
+    def learns_from_teacher(self) -> bool:
+        """True when it learns from the revealed top-k log-probs, False when from the text alone."""
+        return get_objective(self.objective).uses_teacher
 
     @property
     def label(self) -> str:
@@ -124,7 +143,8 @@ class AttackerConfig(Strict):
             base = f"adaptive(beta={self.beta:g}{'' if self.sign == 1 else ', sign=-1'})"
         else:
             base = f"filter(keep={self.keep:g}{'' if self.sign == 1 else ', sign=-1'})"
-        return base if self.objective == "sft" else f"{base}+{self.objective}"
+        default = type(self).model_fields["objective"].default
+        return base if self.objective == default else f"{base}+{self.objective}"
 
 
 class GamePrompts(Strict):
@@ -281,9 +301,9 @@ class GameConfig(Strict):
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds must be distinct")
         for a in self.attackers:
-            if a.objective == "fkl" and self.reveal.top_k is None:
+            if a.learns_from_teacher and self.reveal.top_k is None:
                 raise ValueError(f"attacker {a.label} learns from revealed top-k log-probs: set reveal.top_k")
-            if a.objective == "fkl" and self.answer_forcing:
+            if a.learns_from_teacher and self.answer_forcing:
                 raise ValueError(f"attacker {a.label}: answer forcing appends text with no revealed log-probs; "
                                  "use objective sft or answer_forcing: false")
         if self.api is not None:

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 
 from distillarena.game.collect import load_traces
 from distillarena.game.config import GameConfig
+from distillarena.game.keys import UNDEFENDED, traces_key
 from distillarena.report.html import Report
 from distillarena.report.stats import finite
 
@@ -110,7 +111,6 @@ def add_game_sections(r: Report, cfg: GameConfig, out: Path, rows: list[dict[str
     report embeds them after its own."""
     import json
 
-    from distillarena.game.sweep import UNDEFENDED, traces_key
 
     out = Path(out)
     base = summary["base"]

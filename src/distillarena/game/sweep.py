@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import hashlib
 import io
 import json
 import time
@@ -39,52 +38,14 @@ from distillarena.attacks.lm import Encoded
 from distillarena.core.config import dump_config
 from distillarena.core.errors import UserError
 from distillarena.core.io import atomic_dir, atomic_write_json, atomic_write_text, json_safe
-from distillarena.defenses.spec import DEFENSES
 from distillarena.evaluate.task_eval import evaluate_problems, per_position_entropy
 from distillarena.game.attack import encode_traces, plan_attack, train_student
 from distillarena.game.collect import collect, game_task, load_traces
 from distillarena.game.config import AttackerConfig, DefenseConfig, GameConfig
+from distillarena.game.keys import UNDEFENDED, base_key, cell_key, digest, traces_key, world_of
 from distillarena.game.metrics import aggregate, gaps, recovery
 from distillarena.tasks.data import encode_example, problem_example
-from distillarena.train.config import TeacherConfig
 from distillarena.train.teacher import resolve_model
-
-UNDEFENDED = DefenseConfig(kind="none", params={})
-
-
-def digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def world_of(cfg: GameConfig) -> dict[str, Any]:
-    """The task and teacher: every cell of a run folder must share them."""
-    task = (cfg.teacher.teach or TeacherConfig()).task.model_dump(mode="json")
-    return {"task": task, "teacher": cfg.teacher.model_dump(mode="json")}
-
-
-def traces_key(cfg: GameConfig, d: DefenseConfig, seed: int) -> str:
-    proxy = d.proxy.model_dump(mode="json") if DEFENSES[d.kind].needs_proxy else None
-    what = {"world": world_of(cfg), "defense": d.kind, "params": d.params, "proxy": proxy,
-            "holdout_traces": d.holdout_traces if DEFENSES[d.kind].needs_gradient else None, "seed": seed,
-            "budget": cfg.budget, "prompts": cfg.prompts.model_dump(mode="json"),
-            "reveal": cfg.reveal.model_dump(mode="json"), "answer_forcing": cfg.answer_forcing,
-            "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size}
-    if cfg.api is not None:  # traces collected over HTTP are cached apart from those sampled in process
-        what["api"] = {"base_url": cfg.api.base_url, "model": cfg.api.model, "token_ids": cfg.api.token_ids}
-    return digest(what)
-
-
-def base_key(cfg: GameConfig) -> str:
-    return digest({"world": world_of(cfg), "student": cfg.student.model_dump(mode="json"),
-                   "eval": cfg.eval.model_dump(mode="json")})
-
-
-def cell_key(cfg: GameConfig, d: DefenseConfig, a: AttackerConfig, seed: int) -> str:
-    att = a.model_dump(mode="json")
-    att.pop("name", None)
-    return digest({"traces": traces_key(cfg, d, seed), "base": base_key(cfg), "attacker": att,
-                   "train": cfg.train.model_dump(mode="json"), "holdout": cfg.holdout,
-                   "oracle": cfg.oracle.model_dump(mode="json") if a.kind != "passive" else None})
 
 
 @dataclass

@@ -18,10 +18,10 @@ from rich.console import Console
 from distillarena.core.io import JsonlWriter, cache_dir, read_jsonl, repair_jsonl
 from distillarena.defenses.antidistillation import compute_proxy_gradient, load_proxy_gradient
 from distillarena.defenses.policy import DecodingPolicy, build_policy
-from distillarena.defenses.proxy import model_fingerprint
 from distillarena.defenses.reveal import RevealTopK
 from distillarena.defenses.spec import DEFENSES
 from distillarena.game.config import DefenseConfig, TracesConfig
+from distillarena.models.fingerprint import model_fingerprint
 from distillarena.tasks.arithmetic import ArithmeticTask, check_answer, step_validity
 from distillarena.tasks.data import collate, encode_example, problem_example
 from distillarena.train.config import TeacherConfig

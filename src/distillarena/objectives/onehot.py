@@ -56,6 +56,7 @@ from torch import Tensor
 from distillarena.core.errors import UserError
 from distillarena.objectives.engine import ChunkResult, ObjectiveChunk, token_logprobs
 from distillarena.objectives.registry import register_objective
+from distillarena.objectives.signals import IGNORE_INDEX, LMHeadInput, TeacherSignal, head_logits, topk_token_logprobs
 
 __all__ = ["HPDWeights", "hpd_weights", "onehot_weight", "sample_tokens"]
 
@@ -128,7 +129,8 @@ def _check_beta(params: dict[str, Any]) -> None:
 _TOKEN = ("dense", "token_logprobs")
 
 
-@register_objective("sft", signals=("dense", "topk", "token_logprobs", "none"), needs_labels=True, returns_grad=True)
+@register_objective("sft", signals=("dense", "topk", "token_logprobs", "none"), needs_labels=True, returns_grad=True,
+                    uses_teacher=False)
 def sft(chunk: ObjectiveChunk) -> ChunkResult:
     """SFT / cross-entropy on the label token (w = 1); the teacher signal, if any, is ignored."""
     return _onehot(chunk, "sft")
@@ -217,6 +219,37 @@ def _check_hpd(params: dict[str, Any]) -> None:
         raise UserError(f"sample_temperature must be a positive number, got {st!r}")
 
 
+def hpd_signal_from_topk(student: LMHeadInput | Tensor, signal: TeacherSignal, labels: Tensor,
+                         gen: torch.Generator, params: dict[str, Any]) -> TeacherSignal:
+    """HPD needs the teacher's log-prob of the label and of one student sample per position; a top-k signal
+    has them inside the top k, and the tail mass shared uniformly over the rest of the vocabulary outside it
+    (an approximation, documented). The sample is drawn here with the same per-micro-batch generator."""
+    params.pop("sampled_ids", None)
+    use_sample = params.get("use_sample", True)
+    t_sample = float(params.get("sample_temperature", 1.0))
+    valid = labels != IGNORE_INDEX
+    vocab = student.vocab_size if isinstance(student, LMHeadInput) else int(student.shape[-1])
+    ids, lps, tail = signal.topk_ids[valid], signal.topk_logprobs[valid], signal.tail_logprob[valid]
+    label_lp = torch.zeros(labels.shape, device=labels.device)
+    label_lp[valid] = topk_token_logprobs(ids, lps, tail, labels[valid], vocab)
+    if not use_sample:
+        return TeacherSignal.token_logprobs(label_lp)
+    with torch.no_grad():
+        h = student.hidden[valid].detach() if isinstance(student, LMHeadInput) else student[valid].detach()
+        rows = max(1, (1 << 22) // vocab)
+        draws = []
+        for c0 in range(0, h.shape[0], rows):
+            z = head_logits(student, h[c0:c0 + rows]) if isinstance(student, LMHeadInput) else (
+                h[c0:c0 + rows].float())
+            draws.append(torch.multinomial(torch.softmax(z / t_sample, -1), 1, generator=gen).squeeze(-1))
+        s = torch.cat(draws) if draws else torch.zeros(0, dtype=torch.long, device=labels.device)
+    sampled = torch.zeros_like(labels)
+    sampled[valid] = s
+    sampled_lp = torch.zeros(labels.shape, device=labels.device)
+    sampled_lp[valid] = topk_token_logprobs(ids, lps, tail, s, vocab)
+    return TeacherSignal.token_logprobs(label_lp, sampled, sampled_lp)
+
+
 @register_objective(
     "hpd",
     signals=("dense", "token_logprobs"),
@@ -224,6 +257,8 @@ def _check_hpd(params: dict[str, Any]) -> None:
     returns_grad=True,
     per_position=("sampled_ids",),
     validate=_check_hpd,
+    prepare_signal=hpd_signal_from_topk,
+    adapts=("topk",),
 )
 def hpd(
     chunk: ObjectiveChunk,

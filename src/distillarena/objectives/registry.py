@@ -42,6 +42,11 @@ class ObjectiveSpec:
     per_position: names of tensor parameters that are indexed like the labels (e.g. hpd's ``sampled_ids``);
                   the engine flattens them and hands each chunk its slice in ``chunk.extras``.
     validate:     optional check of the resolved parameters, called once before any work.
+    uses_teacher: False when it learns the labels alone (sft): callers then need not fetch a teacher signal.
+    adapts:       signal kinds it does not take directly but ``prepare_signal`` converts into one it takes
+                  (hpd reads a top-k signal as the log-probs of the label and of one student sample).
+    prepare_signal: ``(student, signal, labels, generator, params) -> signal``, for the kinds in ``adapts``; it may
+                  pop per-call parameters it has consumed from ``params``.
     """
 
     name: str
@@ -53,6 +58,14 @@ class ObjectiveSpec:
     validate: Callable[[dict[str, Any]], None] | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    uses_teacher: bool = True
+    adapts: frozenset[str] = frozenset()
+    prepare_signal: Callable[..., Any] | None = None
+
+    @property
+    def accepted_signals(self) -> frozenset[str]:
+        """Signal kinds a caller may hand it: those it takes and those it adapts."""
+        return self.signals | self.adapts
 
     def resolve_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with the given parameters; unknown names are a UserError."""
@@ -95,13 +108,19 @@ def register_objective(
     returns_grad: bool = False,
     per_position: Iterable[str] = (),
     validate: Callable[[dict[str, Any]], None] | None = None,
+    uses_teacher: bool = True,
+    adapts: Iterable[str] = (),
+    prepare_signal: Callable[..., Any] | None = None,
     overwrite: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register ``fn(chunk, *, param=default, ...)`` under ``name``. Returns ``fn`` unchanged."""
     sig_set = frozenset(signals)
-    bad = sig_set - set(SIGNAL_KINDS) - {"none"}
+    adapt_set = frozenset(adapts)
+    bad = (sig_set | adapt_set) - set(SIGNAL_KINDS) - {"none"}
     if bad:
         raise ValueError(f"unknown signal kind(s) {sorted(bad)}; expected among {SIGNAL_KINDS + ('none',)}")
+    if bool(adapt_set) != (prepare_signal is not None):
+        raise ValueError("adapts and prepare_signal go together: the kinds to convert and the function converting them")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY and not overwrite:
@@ -122,6 +141,9 @@ def register_objective(
             validate=validate,
             defaults=defaults,
             description=doc.split("\n", 1)[0],
+            uses_teacher=uses_teacher,
+            adapts=adapt_set,
+            prepare_signal=prepare_signal,
         )
         return fn
 

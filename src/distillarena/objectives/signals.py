@@ -226,3 +226,25 @@ class TeacherSignal:
             return int(self.logits.shape[-1])
         assert self.head is not None
         return self.head.vocab_size
+
+
+def topk_token_logprobs(ids: Tensor, lps: Tensor, tail: Tensor, tokens: Tensor, vocab_size: int) -> Tensor:
+    """Teacher log-prob of ``tokens`` [*P] from a top-k signal: exact (as cached) inside the top k, the tail mass
+    shared uniformly over the other ``V - k`` tokens outside it."""
+    k = ids.shape[-1]
+    eq = ids == tokens.unsqueeze(-1)
+    found = eq.any(-1)
+    inside = lps.gather(-1, eq.to(torch.uint8).argmax(-1, keepdim=True)).squeeze(-1)
+    outside = tail - math.log(max(vocab_size - k, 1))
+    return torch.where(found, inside, outside)
+
+
+def head_logits(head: LMHeadInput, hidden: Tensor) -> Tensor:
+    """float32 logits of ``hidden`` rows [N, H] through ``head``'s output layer."""
+    z = (hidden @ head.weight.T.to(hidden.dtype)).float()
+    if head.bias is not None:
+        z = z + head.bias.float()
+    z = z * head.logit_scale
+    if head.softcap is not None:
+        z = head.softcap * torch.tanh(z / head.softcap)
+    return z

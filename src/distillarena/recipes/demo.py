@@ -39,7 +39,7 @@ from distillarena.report.html import Report
 from distillarena.report.stats import mean_std
 from distillarena.tasks.arithmetic import ArithmeticTask
 from distillarena.train.config import CheckpointConfig, DistillConfig, LoggingConfig, StudentConfig, TeacherSource
-from distillarena.train.teacher import PROBE_DIFFICULTY, TeacherResult, task_config, teach
+from distillarena.train.teacher import PROBE_DIFFICULTY, TeacherResult, model_path, task_config, teach
 
 OBJECTIVE_LABELS = {"hpd": "HPD", "sft": "SFT", "seqkd": "SeqKD (one-hot forward KL)",
                     "rkl_onehot": "one-hot reverse KL", "jsd_onehot": "one-hot JSD"}
@@ -157,9 +157,7 @@ def run_distillations(cfg: DemoConfig, root: Path, probe, console: Console) -> l
     if student is None:
         if cfg.game is None or cfg.game.student.teach is None and cfg.game.student.path is None:
             raise UserError("distill.student is null (the game's student) but the game is skipped: give a student")
-        ref = cfg.game.student
-        path = ref.path if ref.path is not None else str(teach(ref.teach, console=console).path)
-        student = StudentConfig(path=path)
+        student = StudentConfig(path=str(model_path(cfg.game.student, console)))
     runs = []
     for seed in cfg.distill.seeds:
         for objective in cfg.distill.objectives:
@@ -264,6 +262,7 @@ def distill_sections(r: Report, cfg: DemoConfig, runs: list[dict[str, Any]], tea
     d = cfg.distill
     objectives = list(dict.fromkeys(run["objective"] for run in runs))
     by = {o: [run for run in runs if run["objective"] == o] for o in objectives}
+    featured = objectives[0]  # the method under study is listed first (hpd by default) and drawn bold
     r.heading("Distillation: HPD against SFT, SeqKD, one-hot reverse KL and one-hot JSD")
     r.text(f"Same teacher, same student ({'the game’s student before any trace' if d.student is None else 'see config'}"
            f"), same {d.data.train_size} training prefixes of {d.data.task.n_ops}-operation problems, "
@@ -274,7 +273,8 @@ def distill_sections(r: Report, cfg: DemoConfig, runs: list[dict[str, Any]], tea
     for o in objectives:
         for a, key in zip(ax, ("accuracy", "heldout_fkl", "heldout_rkl"), strict=True):
             xs, ys = _mean_curve(by[o], key)
-            a.plot(xs, ys, "o-", color=COLORS.get(o), label=OBJECTIVE_LABELS.get(o, o), lw=2.5 if o == "hpd" else 1.5)
+            a.plot(xs, ys, "o-", color=COLORS.get(o), label=OBJECTIVE_LABELS.get(o, o),
+                   lw=2.5 if o == featured else 1.5)
     for a, title in zip(ax, ("held-out accuracy (greedy)", "held-out forward KL(teacher || student)",
                              "held-out reverse KL(student || teacher)"), strict=True):
         a.set(xlabel="step", title=title)
@@ -288,7 +288,7 @@ def distill_sections(r: Report, cfg: DemoConfig, runs: list[dict[str, Any]], tea
     for o in objectives:
         curves = [run["entropy"]["multi"] for run in by[o]]
         mean = [sum(c[i] for c in curves) / len(curves) for i in range(len(curves[0]))]
-        ax.plot(mean, color=COLORS.get(o), label=OBJECTIVE_LABELS.get(o, o), lw=2 if o == "hpd" else 1.2)
+        ax.plot(mean, color=COLORS.get(o), label=OBJECTIVE_LABELS.get(o, o), lw=2 if o == featured else 1.2)
     ax.set(xlabel="completion position (tokens)", ylabel="entropy (nats)",
            title="next-token entropy on 3-operation problems with several step orders (teacher-forced)")
     ax.grid(alpha=0.3)

@@ -29,6 +29,7 @@ from distillarena.core.config import dump_config
 from distillarena.core.errors import UserError
 from distillarena.core.io import JsonlWriter, atomic_dir, atomic_write_json, atomic_write_text, cache_dir
 from distillarena.core.progress import progress as progress_bar
+from distillarena.models.fingerprint import model_fingerprint
 from distillarena.models.presets import build_preset, count_parameters, load_model, load_tokenizer
 from distillarena.models.tokenizer import task_tokenizer
 from distillarena.objectives import available_objectives, get_objective
@@ -41,7 +42,6 @@ from distillarena.teachers import (
     build_topk_cache,
     check_tokenizers,
     context_length,
-    model_fingerprint,
 )
 from distillarena.train.checkpoint import latest_checkpoint
 from distillarena.train.config import DistillConfig, StageConfig
@@ -57,7 +57,7 @@ from distillarena.train.distill import (
 )
 from distillarena.train.loop import LoopConfig, StepLog, train
 from distillarena.train.student import add_lora, copy_with_layers_dropped, plain_model
-from distillarena.train.teacher import teach
+from distillarena.train.teacher import model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -102,12 +102,18 @@ def resolve_stages(cfg: DistillConfig) -> list[Stage]:
     return stages
 
 
+def _objectives_taking(kind: str) -> list[str]:
+    """Registered objectives that learn from a teacher signal of ``kind``."""
+    return [n for n in available_objectives()
+            if kind in get_objective(n).accepted_signals and get_objective(n).uses_teacher]
+
+
 def check_regimes(cfg: DistillConfig, stages: list[Stage]) -> None:
     """Refuse a regime or objective that the teacher's access cannot feed, before any model is loaded."""
     kind = cfg.teacher.kind
     for i, st in enumerate(stages):
         where = f"stage {i + 1} ({st.objective})" if len(stages) > 1 else f"objective {st.objective!r}"
-        signals = get_objective(st.objective).signals
+        signals = get_objective(st.objective).accepted_signals
         if kind == "text":
             if "none" not in signals:
                 raise UserError(f"{where} needs the teacher's log-probs ({', '.join(sorted(signals))}), but the "
@@ -120,10 +126,10 @@ def check_regimes(cfg: DistillConfig, stages: list[Stage]) -> None:
                 raise UserError(f"{where}: seq_kd needs a teacher model to generate; with a text-only teacher "
                                 "the data's completions already are the teacher's text (set seq_kd: false)")
         if kind == "topk":
-            if "topk" not in signals and st.objective != "hpd":
+            if "topk" not in signals:
                 raise UserError(f"{where} cannot learn from a top-k cache (it accepts: "
                                 f"{', '.join(sorted(signals - {'none'}))}): use a teacher model, or one of "
-                                "fkl, rkl, jsd, tvd, skl, srkl, hpd")
+                                f"{', '.join(_objectives_taking('topk'))}")
             if st.lmbda > 0:
                 raise UserError(f"{where}: on-policy batches (lmbda > 0) need a live teacher to score the "
                                 "student's samples; a top-k cache only covers its own dataset")
@@ -174,12 +180,11 @@ class TeacherSetup:
 
 def build_teacher(cfg: DistillConfig, accelerator: Accelerator, console: Console) -> TeacherSetup:
     src = cfg.teacher
-    local = None
-    path = src.path
-    builtin = src.builtin_teacher()
-    if builtin is not None:
+    local = path = None
+    ref = src.model_ref()
+    if ref is not None:
         with accelerator.main_process_first():
-            path = str(teach(builtin, console=console if accelerator.is_main_process else Console(quiet=True)).path)
+            path = str(model_path(ref, console if accelerator.is_main_process else Console(quiet=True)))
     if path is not None:
         model = load_model(path, dtype=DTYPES[src.dtype])
         tok = load_tokenizer(path)

@@ -146,11 +146,11 @@ class ServeConfig(Strict):
     def model_path(self) -> str:
         if self.model:
             return self.model
-        from distillarena.train.config import TeacherConfig
-        from distillarena.train.teacher import INFO_FILE, teacher_dir
+        from distillarena.train.config import ModelRef
+        from distillarena.train.teacher import model_path
 
-        path = teacher_dir(TeacherConfig())
-        if not (path / INFO_FILE).exists():
+        path = model_path(ModelRef(), train=False)
+        if path is None:
             raise UserError("no model to serve: set `model:` in the serve config (or pass --model), "
                             "or run `distillarena teach` first to train the default teacher")
         return str(path)

@@ -1,4 +1,6 @@
-"""The generation engine behind the API: the teacher (and proxy), a queue, and one worker thread that batches.
+"""The Hugging Face serving backend (:class:`Engine`): the teacher (and proxy) in process, a queue, and one worker
+thread that batches. It implements :class:`distillarena.serve.backend.Backend` (entry ``"hf"`` of ``BACKENDS``); the
+job and result types (:class:`GenJob`, :class:`GenResult`, ...) are the backend module's, re-exported here.
 
 One background thread owns the model. Requests (:class:`GenJob`) wait in a queue; the worker takes the oldest,
 waits for others to arrive, and runs one batched :func:`distillarena.decoding.sample` call for the oldest job and
@@ -47,72 +49,17 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from distillarena.core.errors import UserError
 from distillarena.decoding import cut_at_stop_strings, model_vocab_size, sample
+from distillarena.defenses.spec import defense_spec
+from distillarena.serve.backend import EngineClosed, GenJob, GenResult, GenSequence, ServerMisconfigured
 from distillarena.serve.config import PolicyConfig, ServeConfig
 
 NEG_INF_LOGPROB = -9999.0  # what OpenAI's API writes for a token with probability 0
-
-
-class EngineClosed(RuntimeError):
-    pass
-
-
-class ServerMisconfigured(RuntimeError):
-    """A key's policy needs something the server was started without (e.g. a proxy model)."""
-
-
-@dataclass
-class GenJob:
-    """One API request as the engine sees it: ``prompts`` (token ids), ``n`` samples of each."""
-
-    prompts: list[list[int]]
-    n: int
-    max_tokens: int
-    temperature: float
-    top_p: float | None = None
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-prob and k alternatives
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    all_tokens: bool = False  # reveal every generated token (the EOS too), not only those whose text is shown
-    future: Future = field(default_factory=Future)
-    enqueued: float = field(default_factory=time.monotonic)
-
-    @property
-    def rows(self) -> int:
-        return len(self.prompts) * self.n
-
-    def group(self) -> tuple:
-        top_p = None if self.top_p is None or self.top_p >= 1.0 else float(self.top_p)
-        alone = id(self) if self.seed is not None else None
-        return (float(self.temperature), top_p, self.stop, self.policy.label(), alone)
-
-
-@dataclass
-class GenSequence:
-    """One generated completion."""
-
-    token_ids: list[int]  # every generated token counted (up to max_tokens, including an EOS)
-    text: str
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
-    shown: int  # the first `shown` tokens are those whose text is in `text` (EOS, and what a stop string cut, are not)
-    offsets: list[int]  # start of each shown token in `text`
-    logprobs: list[float] | None = None  # revealed log-prob of each shown token (each token, with all_tokens)
-    top: list[list[tuple[int, float]]] | None = None  # revealed alternatives of the same tokens
-
-
-@dataclass
-class GenResult:
-    sequences: list[GenSequence]  # prompt-major: prompt i, sample j is at i * n + j
-    prompt_tokens: int
-    completion_tokens: int
-    batch_rows: int  # rows in the sampler call that produced it (for tests and benchmarks)
 
 
 class TokenTable:
@@ -176,7 +123,7 @@ def _byte_decoder() -> dict[str, int]:
 
 
 class Engine:
-    """The teacher, its tokenizer, the optional proxy, and the batching worker.
+    """The teacher, its tokenizer, the optional proxy, and the batching worker: the Hugging Face backend.
 
     Build it with :meth:`from_config` (loads from disk) or directly from objects; call :meth:`start` before
     :meth:`submit` and :meth:`close` at the end.
@@ -264,8 +211,8 @@ class Engine:
         if policy.needs_proxy and self.proxy is None:
             raise ServerMisconfigured(f"this key's defense ({policy.label()}) needs a proxy model, and the server "
                                       "was started without one (set `proxy:` in the serve config)")
-        if policy.defense == "antidistillation" and not self.proxy_gradient:
-            raise ServerMisconfigured("this key's defense (antidistillation) needs a proxy gradient file, and the "
+        if defense_spec(policy.defense).needs_gradient and not self.proxy_gradient:
+            raise ServerMisconfigured(f"this key's defense ({policy.defense}) needs a proxy gradient file, and the "
                                       "server was started without one (set `proxy_gradient:` in the serve config)")
 
     def encode(self, text: str) -> list[int]:
@@ -371,7 +318,7 @@ class Engine:
         from distillarena.defenses.policy import build_policy
 
         params = dict(policy.params)
-        if policy.defense == "antidistillation":
+        if defense_spec(policy.defense).needs_gradient:  # the gradient's method: the server's unless the key names one
             params.setdefault("method", self.antidistillation_method)
         key = (policy.defense, tuple(sorted(params.items())))
         built = self._policies.get(key)
@@ -394,12 +341,14 @@ class Engine:
         for proc in dp.processors:
             if hasattr(proc, "reset"):
                 proc.reset()
-        if policy.defense == "antidistillation":
-            # it divides by its own temperature: the defense's times the request's, and the sampler's stays at 1
-            # (0: greedy)
-            (proc,) = dp.processors
-            proc.temperature = float(policy.params.get("temperature", 1.0)) * (temperature if temperature > 0 else 1.0)
-            return [proc], (0.0 if temperature == 0 else 1.0)
+        own = [p for p in dp.processors if getattr(p, "applies_temperature", False)]
+        if own:
+            # a processor that divides by its own temperature (antidistillation): the defense's times the request's,
+            # and the sampler's stays at 1 (0: greedy); such a policy's own temperature is 1, with no top-k / top-p
+            own_temperature = float(policy.params.get("temperature", 1.0)) * (temperature if temperature > 0 else 1.0)
+            for proc in own:
+                proc.temperature = own_temperature
+            temperature = 0.0 if temperature == 0 else 1.0
         return list(dp.processors) + sampling_warpers(dp.temperature, dp.top_k, dp.top_p), temperature
 
     @torch.no_grad()

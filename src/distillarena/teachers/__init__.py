@@ -10,11 +10,8 @@ take, for the same (shifted) positions as the student's logits.
 """
 
 from distillarena.teachers.compat import (
-    PROBE,
     check_tokenizers,
     context_length,
-    model_fingerprint,
-    tokenizer_fingerprint,
 )
 from distillarena.teachers.local import LocalTeacher, TextTeacher, final_hidden, output_head
 from distillarena.teachers.topk_cache import (
@@ -23,11 +20,10 @@ from distillarena.teachers.topk_cache import (
     TopKCodec,
     build_topk_cache,
     cached_kl,
-    topk_token_logprobs,
 )
 
 __all__ = [
-    "PROBE",
+
     "CacheStats",
     "LocalTeacher",
     "TextTeacher",
@@ -38,8 +34,7 @@ __all__ = [
     "check_tokenizers",
     "context_length",
     "final_hidden",
-    "model_fingerprint",
+
     "output_head",
-    "tokenizer_fingerprint",
-    "topk_token_logprobs",
+
 ]

@@ -44,12 +44,12 @@ from torch import Tensor
 
 from distillarena.core.errors import UserError
 from distillarena.core.io import atomic_dir
+from distillarena.models.fingerprint import tokenizer_profile
 from distillarena.objectives import TeacherSignal
 from distillarena.tasks.data import IGNORE_INDEX, collate
-from distillarena.teachers.compat import tokenizer_fingerprint
 
 FORMAT = "distillarena-topk-cache"
-VERSION = 1
+VERSION = 2  # 2: the teacher and tokenizer identities of models.fingerprint
 MANIFEST = "manifest.json"
 
 
@@ -311,7 +311,7 @@ def build_topk_cache(out: Path, teacher, encoded: list[tuple[list[int], list[int
             "codec": {"vocab_size": vocab, "k": codec.k, "bits": bits, "logprob_encoding": "cube-root",
                       "id_encoding": codec.id_encoding, "id_bytes": codec.id_bytes},
             "teacher": teacher_id,
-            "tokenizer": tokenizer_fingerprint(tok),
+            "tokenizer": tokenizer_profile(tok),
             "data": {"fingerprint": data_fingerprint(encoded, weights), "n_examples": len(encoded)},
             "meta": meta or {},
             "shards": shards,
@@ -404,7 +404,7 @@ class TopKCache:
             from distillarena.models.presets import load_tokenizer
 
             self._tokenizer = load_tokenizer(str(self.path / "tokenizer"))
-            if tokenizer_fingerprint(self._tokenizer) != self.manifest["tokenizer"]:
+            if tokenizer_profile(self._tokenizer) != self.manifest["tokenizer"]:
                 raise UserError(f"top-k cache {self.path}: its tokenizer folder does not match the manifest "
                                 "(corrupted or replaced); rebuild the cache")
         return self._tokenizer
@@ -443,12 +443,3 @@ class TopKCache:
         return TeacherSignal.topk(full_ids, full_lps, full_tail)
 
 
-def topk_token_logprobs(ids: Tensor, lps: Tensor, tail: Tensor, tokens: Tensor, vocab_size: int) -> Tensor:
-    """Teacher log-prob of ``tokens`` [*P] from a top-k signal: exact (as cached) inside the top k, the tail mass
-    shared uniformly over the other ``V - k`` tokens outside it."""
-    k = ids.shape[-1]
-    eq = ids == tokens.unsqueeze(-1)
-    found = eq.any(-1)
-    inside = lps.gather(-1, eq.to(torch.uint8).argmax(-1, keepdim=True)).squeeze(-1)
-    outside = tail - math.log(max(vocab_size - k, 1))
-    return torch.where(found, inside, outside)

@@ -96,6 +96,13 @@ class TeacherSource(Strict):
         """'text', 'topk' (a cache) or 'model' (a live model)."""
         return "text" if self.text else "topk" if self.cache else "model"
 
+    def model_ref(self) -> ModelRef | None:
+        """The live teacher as a model reference (``path``, or the built-in teacher), if there is one."""
+        if self.path is not None:
+            return ModelRef(path=self.path)
+        builtin = self.builtin_teacher()
+        return ModelRef(teach=builtin) if builtin is not None else None
+
     def builtin_teacher(self) -> TeacherConfig | None:
         """The built-in teacher to train or reuse, if no other model is named."""
         if self.teach is not None:

@@ -27,10 +27,10 @@ from torch import Tensor
 
 from distillarena.core.errors import UserError
 from distillarena.decoding import sample
-from distillarena.objectives import LMHeadInput, TeacherSignal, compute_objective
+from distillarena.objectives import LMHeadInput, compute_objective, get_objective
+from distillarena.objectives.signals import head_logits
 from distillarena.tasks.data import IGNORE_INDEX, collate
 from distillarena.teachers.local import final_hidden, output_head
-from distillarena.teachers.topk_cache import topk_token_logprobs
 
 
 def seed_for(*parts: object) -> int:
@@ -238,17 +238,6 @@ def weight_groups(labels: Tensor, weights: Tensor | None) -> Iterator[tuple[floa
         yield float(w), labels.masked_fill(~rows[:, None], IGNORE_INDEX)
 
 
-def head_logits(head: LMHeadInput, hidden: Tensor) -> Tensor:
-    """float32 logits of ``hidden`` rows [N, H] through ``head``'s output layer."""
-    z = (hidden @ head.weight.T.to(hidden.dtype)).float()
-    if head.bias is not None:
-        z = z + head.bias.float()
-    z = z * head.logit_scale
-    if head.softcap is not None:
-        z = head.softcap * torch.tanh(z / head.softcap)
-    return z
-
-
 class DistillLoss:
     """``loss_fn(model, batch) -> loss_sum`` for distillation, on the fused path: the student's final hidden
     states and output layer go to :func:`~distillarena.objectives.compute_objective` with the teacher's signal
@@ -276,12 +265,13 @@ class DistillLoss:
                            use_cache=False).logits
             student = hidden[:, :-1]
         device = hidden.device
-        needs_teacher = self.teacher.kind != "text" and st.objective != "sft"  # SFT learns the labels only
+        spec = get_objective(st.objective)
+        needs_teacher = self.teacher.kind != "text" and spec.uses_teacher
         signal = self.teacher.signal(batch, device) if needs_teacher else None
         params = dict(st.params)
         gen = generator_for(device, self.seed, "objective", batch["micro_index"])
-        if st.objective == "hpd" and signal is not None and signal.kind == "topk":
-            signal = self._hpd_signal_from_topk(student, signal, labels, gen, params)
+        if signal is not None and signal.kind in spec.adapts:
+            signal = spec.prepare_signal(student, signal, labels, gen, params)
         total: Tensor | None = None
         for w, lab in weight_groups(labels, batch.get("weights")):
             out = compute_objective(st.objective, student, signal, lab, temperature=self.loss_temperature,
@@ -296,36 +286,6 @@ class DistillLoss:
         if total is None:  # every example has weight 0
             total = hidden.sum() * 0.0
         return total
-
-    def _hpd_signal_from_topk(self, student: LMHeadInput | Tensor, signal: TeacherSignal, labels: Tensor,
-                              gen: torch.Generator, params: dict[str, Any]) -> TeacherSignal:
-        """HPD needs the teacher's log-prob of the label and of one student sample per position; a top-k signal
-        has them inside the top k, and the tail mass shared uniformly over the rest of the vocabulary outside it
-        (an approximation, documented). The sample is drawn here with the same per-micro-batch generator."""
-        params.pop("sampled_ids", None)
-        use_sample = params.get("use_sample", True)
-        t_sample = float(params.get("sample_temperature", 1.0))
-        valid = labels != IGNORE_INDEX
-        vocab = student.vocab_size if isinstance(student, LMHeadInput) else int(student.shape[-1])
-        ids, lps, tail = signal.topk_ids[valid], signal.topk_logprobs[valid], signal.tail_logprob[valid]
-        label_lp = torch.zeros(labels.shape, device=labels.device)
-        label_lp[valid] = topk_token_logprobs(ids, lps, tail, labels[valid], vocab)
-        if not use_sample:
-            return TeacherSignal.token_logprobs(label_lp)
-        with torch.no_grad():
-            h = student.hidden[valid].detach() if isinstance(student, LMHeadInput) else student[valid].detach()
-            rows = max(1, (1 << 22) // vocab)
-            draws = []
-            for c0 in range(0, h.shape[0], rows):
-                z = head_logits(student, h[c0:c0 + rows]) if isinstance(student, LMHeadInput) else (
-                    h[c0:c0 + rows].float())
-                draws.append(torch.multinomial(torch.softmax(z / t_sample, -1), 1, generator=gen).squeeze(-1))
-            s = torch.cat(draws) if draws else torch.zeros(0, dtype=torch.long, device=labels.device)
-        sampled = torch.zeros_like(labels)
-        sampled[valid] = s
-        sampled_lp = torch.zeros(labels.shape, device=labels.device)
-        sampled_lp[valid] = topk_token_logprobs(ids, lps, tail, s, vocab)
-        return TeacherSignal.token_logprobs(label_lp, sampled, sampled_lp)
 
     def pop_metrics(self) -> dict[str, float]:
         out = {k: s / c for k, (s, c) in self._metrics.items() if c > 0}

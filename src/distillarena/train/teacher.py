@@ -128,12 +128,24 @@ def teach(cfg: TeacherConfig, *, force: bool = False, console: Console | None = 
     return TeacherResult(path, False, info)
 
 
-def resolve_model(ref: ModelRef, console: Console) -> tuple[torch.nn.Module, Any, Path]:
-    """Load the model a :class:`ModelRef` names, training (or reusing) the built-in preset if needed."""
+def model_path(ref: ModelRef, console: Console | None = None, *, train: bool = True) -> Path | None:
+    """The folder a :class:`ModelRef` names: its ``path`` as given, or the built-in teacher's cached folder (``teach``,
+    the default teacher when neither is set), trained first if it is not cached yet. With ``train=False`` an
+    uncached built-in teacher gives ``None`` instead (for jobs that must not spend minutes training, e.g. serve).
+    The one place a model reference is resolved."""
     if ref.path is not None:
-        return load_model(ref.path), load_tokenizer(ref.path), Path(ref.path)
-    result = teach(ref.teach or TeacherConfig(), console=console)
-    return load_model(str(result.path)), load_tokenizer(str(result.path)), result.path
+        return Path(ref.path)
+    cfg = ref.teach or TeacherConfig()
+    if not train:
+        path = teacher_dir(cfg)
+        return path if (path / INFO_FILE).exists() else None
+    return teach(cfg, console=console).path
+
+
+def resolve_model(ref: ModelRef, console: Console | None = None) -> tuple[torch.nn.Module, Any, Path]:
+    """Load the model and tokenizer a :class:`ModelRef` names (see :func:`model_path`)."""
+    path = model_path(ref, console)
+    return load_model(str(path)), load_tokenizer(str(path)), path
 
 
 def export_teacher(result: TeacherResult, out: Path, *, overwrite: bool = False) -> Path:

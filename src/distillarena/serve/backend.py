@@ -1,0 +1,187 @@
+"""The seam between the HTTP API and what generates: the :class:`Backend` protocol, the job and result types every
+backend speaks, and the table of backends.
+
+The API layer (:mod:`~distillarena.serve.app` and :mod:`~distillarena.serve.routes`), :mod:`~distillarena.serve.server`
+and :mod:`~distillarena.serve.testing` see a backend only through :class:`Backend`. Today's one is the Hugging Face
+backend, :class:`distillarena.serve.engine.Engine` (the model in process, a queue and one batching worker thread).
+
+Adding a backend (a vLLM one, say): one module with a class that implements :class:`Backend` and a
+``from_config(cfg: ServeConfig)`` constructor, and one entry in :data:`BACKENDS`. It takes :class:`GenJob` (token-id
+prompts, sampling settings and the key's :class:`~distillarena.serve.config.PolicyConfig`, whose defense it must
+apply as :func:`distillarena.defenses.policy.build_policy` defines it) and answers each with a :class:`GenResult`.
+
+Torch-free: importing this module does not import the HF backend (its table entry imports it when called).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from distillarena.serve.config import PolicyConfig, ServeConfig
+
+
+class EngineClosed(RuntimeError):
+    """The backend is not running (not started, or shutting down): the API answers 503."""
+
+
+class ServerMisconfigured(RuntimeError):
+    """A key's policy needs something the server was started without (e.g. a proxy model)."""
+
+
+@dataclass
+class GenJob:
+    """One API request as the backend sees it: ``prompts`` (token ids), ``n`` samples of each."""
+
+    prompts: list[list[int]]
+    n: int
+    max_tokens: int
+    temperature: float
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-prob and k alternatives
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    all_tokens: bool = False  # reveal every generated token (the EOS too), not only those whose text is shown
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts) * self.n
+
+    def group(self) -> tuple:
+        top_p = None if self.top_p is None or self.top_p >= 1.0 else float(self.top_p)
+        alone = id(self) if self.seed is not None else None
+        return (float(self.temperature), top_p, self.stop, self.policy.label(), alone)
+
+
+@dataclass
+class GenSequence:
+    """One generated completion."""
+
+    token_ids: list[int]  # every generated token counted (up to max_tokens, including an EOS)
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    shown: int  # the first `shown` tokens are those whose text is in `text` (EOS, and what a stop string cut, are not)
+    offsets: list[int]  # start of each shown token in `text`
+    logprobs: list[float] | None = None  # revealed log-prob of each shown token (each token, with all_tokens)
+    top: list[list[tuple[int, float]]] | None = None  # revealed alternatives of the same tokens
+
+
+@dataclass
+class GenResult:
+    sequences: list[GenSequence]  # prompt-major: prompt i, sample j is at i * n + j
+    prompt_tokens: int
+    completion_tokens: int
+    batch_rows: int  # rows in the sampler call that produced it (for tests and benchmarks)
+
+
+class TokenNames(Protocol):
+    """How the API writes a token id: its display string and its bytes (indexed by id, the whole vocabulary)."""
+
+    @property
+    def strings(self) -> Sequence[str]: ...
+
+    @property
+    def bytes(self) -> Sequence[bytes]: ...
+
+
+class Backend(Protocol):
+    """What the API, the server and the test helpers use of a serving backend."""
+
+    @property
+    def model_name(self) -> str:
+        """The id clients pass as ``model``."""
+        ...
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold are ``[0, vocab_size)``."""
+        ...
+
+    @property
+    def context_length(self) -> int:
+        """Prompt plus completion tokens at most."""
+        ...
+
+    @property
+    def start_token_id(self) -> int:
+        """The prompt of an empty completions prompt."""
+        ...
+
+    @property
+    def tokens(self) -> TokenNames: ...
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting (``/health``)."""
+        ...
+
+    @property
+    def batches(self) -> int:
+        """Sampler calls made (``/health``, tests and benchmarks)."""
+        ...
+
+    @property
+    def rows_sampled(self) -> int:
+        """Rows sampled in all (``/health``)."""
+        ...
+
+    def start(self) -> Backend: ...
+
+    def close(self) -> None: ...
+
+    def check_policy(self, policy: PolicyConfig) -> None:
+        """Raise :class:`ServerMisconfigured` if this backend cannot apply ``policy``."""
+        ...
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens added)."""
+        ...
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's chat template (:class:`UserError` if it has none)."""
+        ...
+
+    def tracking(self) -> AbstractContextManager[None]:
+        """Count one request as in flight for the duration of the block (a hint for batching)."""
+        ...
+
+    def submit(self, job: GenJob) -> Future[GenResult]:
+        """Queue ``job``; the future ends with its :class:`GenResult` or its error (:class:`EngineClosed` when the
+        backend is not running, :class:`~distillarena.core.errors.UserError` for the client's mistakes)."""
+        ...
+
+
+BackendFactory = Callable[[ServeConfig], Backend]
+
+
+def _hf(cfg: ServeConfig) -> Backend:
+    from distillarena.serve.engine import Engine
+
+    return Engine.from_config(cfg)
+
+
+# the one table of backends: kind -> constructor from the serve config
+BACKENDS: dict[str, BackendFactory] = {
+    "hf": _hf,  # the model in process (transformers), batched by one worker thread: distillarena.serve.engine
+}
+DEFAULT_BACKEND = "hf"
+
+
+def load_backend(cfg: ServeConfig, kind: str = DEFAULT_BACKEND) -> Backend:
+    """The backend ``kind`` of :data:`BACKENDS` for ``cfg`` (loads the model; not started)."""
+    try:
+        factory = BACKENDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown serving backend {kind!r}; expected one of {', '.join(BACKENDS)}") from None
+    return factory(cfg)
+
+
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "Backend", "BackendFactory", "EngineClosed", "GenJob", "GenResult",
+           "GenSequence", "ServerMisconfigured", "TokenNames", "load_backend"]
