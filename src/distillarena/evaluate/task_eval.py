@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import torch
 
 from distillarena.decoding import SampleResult, sample
-from distillarena.tasks.arithmetic import Problem, check_answer, step_validity
+from distillarena.tasks.arithmetic import ArithmeticTask, Problem
+from distillarena.tasks.base import Task, TaskProblem
 from distillarena.tasks.data import collate, encode_example, problem_example
 
 
@@ -58,13 +59,15 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
     return texts, results
 
 
-def evaluate_problems(model, tokenizer, problems: list[Problem], max_new_tokens: int = 64,
-                      n_samples_kept: int = 8, sample_fn: SampleFn | None = None) -> TaskEval:
+def evaluate_problems(model, tokenizer, problems: list[TaskProblem], max_new_tokens: int = 64,
+                      n_samples_kept: int = 8, sample_fn: SampleFn | None = None, task: Task | None = None) -> TaskEval:
     """Final-answer accuracy and step validity by difficulty; greedy unless ``sample_fn`` says otherwise.
 
     With a ``sample_fn`` that decodes a defended teacher this is the teacher's *utility*; ``kl_to_undefended`` is
-    then the mean per-token KL(defended || undefended) on the defended teacher's own samples.
+    then the mean per-token KL(defended || undefended) on the defended teacher's own samples. ``task`` checks the
+    completions (default: the arithmetic task's checkers); a task without step checks scores step validity 0.
     """
+    task = task if task is not None else ArithmeticTask()
     t0 = time.perf_counter()
     completions, results = generate_completions(model, tokenizer, [p.prompt for p in problems], max_new_tokens,
                                                 sample_fn=sample_fn)
@@ -73,11 +76,11 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], max_new_tokens:
     kl = sum(float(r.kl.sum()) for r in results) / max(n_tokens, 1)
     per: dict[int, list[tuple[bool, float]]] = defaultdict(list)
     for p, c in zip(problems, completions, strict=True):
-        per[p.n_ops].append((check_answer(p, c), step_validity(c)))
+        per[p.difficulty].append((task.check(p, c), task.step_validity(c) or 0.0))
     allr = [r for rs in per.values() for r in rs]
     by = {k: {"accuracy": sum(a for a, _ in rs) / len(rs), "step_validity": sum(s for _, s in rs) / len(rs),
               "n": len(rs)} for k, rs in sorted(per.items())}
-    samples = [{"prompt": p.prompt, "completion": c, "answer": p.answer, "correct": check_answer(p, c)}
+    samples = [{"prompt": p.prompt, "completion": c, "answer": p.answer, "correct": task.check(p, c)}
                for p, c in list(zip(problems, completions, strict=True))[:n_samples_kept]]
     return TaskEval(
         accuracy=sum(a for a, _ in allr) / len(allr),

@@ -37,9 +37,8 @@ from distillarena.decoding import sample
 from distillarena.defenses.spec import DEFENSES
 from distillarena.game.config import DefenseConfig, GameConfig, PromptsConfig, TracesConfig
 from distillarena.game.traces import batch_seed, holdout_gradient, run_traces
-from distillarena.tasks.arithmetic import ANSWER_PREFIX, ArithmeticTask, check_answer, extract_answer, step_validity
-from distillarena.train.config import TeacherConfig
-from distillarena.train.teacher import model_path, resolve_model, task_config
+from distillarena.tasks.base import Task
+from distillarena.train.teacher import model_path, model_task, resolve_model
 
 META = "meta.json"
 TRACES = "traces.jsonl"
@@ -52,16 +51,16 @@ def traces_config(cfg: GameConfig, defense: DefenseConfig, seed: int) -> TracesC
                         reveal=cfg.reveal, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=seed)
 
 
-def game_task(cfg: GameConfig) -> ArithmeticTask:
-    return ArithmeticTask(task_config(cfg.teacher.teach or TeacherConfig()))
+def game_task(cfg: GameConfig) -> Task:
+    return model_task(cfg.teacher)
 
 
 @torch.no_grad()
-def force_answers(teacher: torch.nn.Module, tok, records: list[dict[str, Any]], max_new_tokens: int = 8,
+def force_answers(teacher: torch.nn.Module, tok, records: list[dict[str, Any]], task: Task, max_new_tokens: int = 8,
                   batch_size: int = 64) -> None:
-    """Give every record without an ``Answer:`` line one, completed greedily by the undefended ``teacher``
-    (in place: ``forced_completion``, ``forced``)."""
-    todo = [r for r in records if extract_answer(r["completion"]) is None]
+    """Give every record without a final answer one (the task's answer prefix), completed greedily by the
+    undefended ``teacher`` (in place: ``forced_completion``, ``forced``)."""
+    todo = [r for r in records if task.extract_answer(r["completion"]) is None]
     for r in records:
         r["forced"] = False
         r["forced_completion"] = r["completion"]
@@ -71,7 +70,7 @@ def force_answers(teacher: torch.nn.Module, tok, records: list[dict[str, Any]], 
         for i in range(0, len(todo), batch_size):
             chunk = todo[i : i + batch_size]
             heads = [r["completion"] + ("" if not r["completion"] or r["completion"].endswith("\n") else "\n")
-                     + ANSWER_PREFIX for r in chunk]
+                     + task.answer_prefix for r in chunk]
             enc = tok([r["prompt"] + h for r, h in zip(chunk, heads, strict=True)], return_tensors="pt",
                       padding=True)
             res = sample(teacher, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
@@ -101,11 +100,12 @@ def collect(cfg: GameConfig, defense: DefenseConfig, seed: int, folder: Path, co
         summary = run_traces(traces_config(cfg, defense, seed), raw, console=console)
     wall = time.perf_counter() - t0
     records = sorted(read_jsonl(raw), key=lambda r: r["index"])
-    problems = {i: p for i, p in enumerate(game_task(cfg).problems("train", cfg.budget, cfg.prompts.n_ops,
+    task = game_task(cfg)
+    problems = {i: p for i, p in enumerate(task.problems("train", cfg.budget, cfg.prompts.n_ops,
                                                                    seed=cfg.prompts.seed))}
     if cfg.answer_forcing:
         teacher, tok, _ = resolve_model(cfg.teacher, console)
-        force_answers(teacher, tok, records)
+        force_answers(teacher, tok, records, task)
     n_tok = sum(len(r["tokens"]) for r in records)
     kl_known = all(r["kl_to_undefended"] is not None for r in records)
     meta = {
@@ -123,7 +123,7 @@ def collect(cfg: GameConfig, defense: DefenseConfig, seed: int, folder: Path, co
     if cfg.api is not None:
         meta["teacher_api"] = f"{cfg.api.model} at {cfg.api.base_url}"
     if cfg.answer_forcing:
-        meta["teacher_accuracy_forced"] = sum(check_answer(problems[r["index"]], r["forced_completion"])
+        meta["teacher_accuracy_forced"] = sum(task.check(problems[r["index"]], r["forced_completion"])
                                               for r in records) / max(len(records), 1)
         meta["forced_fraction"] = sum(r["forced"] for r in records) / max(len(records), 1)
     with atomic_dir(folder) as tmp:
@@ -175,7 +175,8 @@ def api_traces(cfg: GameConfig, defense: DefenseConfig, seed: int, out: Path, co
     assert api is not None
     key = api.key_for(defense)
     tok = teacher_tokenizer(cfg, console)
-    problems = game_task(cfg).problems("train", cfg.budget, cfg.prompts.n_ops, seed=cfg.prompts.seed)
+    task = game_task(cfg)
+    problems = task.problems("train", cfg.budget, cfg.prompts.n_ops, seed=cfg.prompts.seed)
     batches = [list(range(s, min(s + cfg.batch_size, len(problems)))) for s in range(0, len(problems), cfg.batch_size)]
     items = [{"id": str(b), "prompt": [tok(problems[i].prompt)["input_ids"] for i in idx], "seed": batch_seed(seed, b)}
              for b, idx in enumerate(batches)]
@@ -211,8 +212,8 @@ def api_traces(cfg: GameConfig, defense: DefenseConfig, seed: int, out: Path, co
         for i, ch in zip(idx, answer["choices"], strict=True):
             p, text = problems[i], ch["text"]
             rec: dict[str, Any] = {"index": i, "prompt": p.prompt, "completion": text, "answer": p.answer,
-                                   "n_ops": p.n_ops, "correct": check_answer(p, text),
-                                   "step_validity": step_validity(text)}
+                                   "n_ops": p.difficulty, "correct": task.check(p, text),
+                                   "step_validity": task.step_validity(text)}
             if api.token_ids:
                 rec["tokens"] = [_token_id(t) for t in ch["tokens"]]
                 rec["logprobs"] = [_revealed(v) for v in ch["token_logprobs"]]

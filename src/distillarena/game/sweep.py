@@ -118,7 +118,7 @@ class Game:
         if path.is_file():
             return json.loads(path.read_text())
         model, tok, where = self.teacher()
-        ev = evaluate_problems(model, tok, self.test, max_new_tokens=self.cfg.eval.max_new_tokens)
+        ev = evaluate_problems(model, tok, self.test, max_new_tokens=self.cfg.eval.max_new_tokens, task=self.task)
         info = {"teacher": where, "greedy_accuracy": ev.accuracy, "greedy_step_validity": ev.step_validity,
                 "entropy": per_position_entropy(model, tok, self.entropy_problems) if self.entropy_problems
                 else None}
@@ -130,7 +130,7 @@ class Game:
         if path.is_file():
             return json.loads(path.read_text())
         model, tok, where = self.student()
-        ev = evaluate_problems(model, tok, self.test, max_new_tokens=self.cfg.eval.max_new_tokens)
+        ev = evaluate_problems(model, tok, self.test, max_new_tokens=self.cfg.eval.max_new_tokens, task=self.task)
         info = {"student": where, "accuracy": ev.accuracy, "step_validity": ev.step_validity,
                 "by_difficulty": {str(k): v for k, v in ev.by_difficulty.items()},
                 "entropy": per_position_entropy(model, tok, self.entropy_problems) if self.entropy_problems
@@ -160,7 +160,8 @@ class Game:
         t1 = time.perf_counter()
         student = train_student(student, enc, plan, topk, a, self.cfg, seed=c.seed, pad_id=pad)
         train_s = time.perf_counter() - t1
-        ev = evaluate_problems(student, tok, self.test, max_new_tokens=self.cfg.eval.max_new_tokens)
+        ev = evaluate_problems(student, tok, self.test, max_new_tokens=self.cfg.eval.max_new_tokens,
+                               task=self.task)
         entropy = (per_position_entropy(student, tok, self.entropy_problems) if self.entropy_problems else None)
         cell = {
             "key": key, "world": digest(world_of(self.cfg)), "defense": c.defense.kind,

@@ -22,13 +22,12 @@ from distillarena.defenses.reveal import RevealTopK
 from distillarena.defenses.spec import DEFENSES
 from distillarena.game.config import DefenseConfig, TracesConfig
 from distillarena.models.fingerprint import model_fingerprint
-from distillarena.tasks.arithmetic import ArithmeticTask, check_answer, step_validity
+from distillarena.tasks.base import Task
 from distillarena.tasks.data import collate, encode_example, problem_example
-from distillarena.train.config import TeacherConfig
-from distillarena.train.teacher import resolve_model, task_config
+from distillarena.train.teacher import model_task, resolve_model
 
 
-def holdout_gradient(proxy: torch.nn.Module, tokenizer, n_traces: int, task: ArithmeticTask, console: Console):
+def holdout_gradient(proxy: torch.nn.Module, tokenizer, n_traces: int, task: Task, console: Console):
     """The proxy's holdout-loss gradient for antidistillation sampling, computed once and cached on disk."""
     problems = task.problems("holdout", n_traces, [1, 2, 3, 4], seed=0)
     data_key = hashlib.sha256("\n".join(p.expression for p in problems).encode()).hexdigest()[:12]
@@ -41,7 +40,7 @@ def holdout_gradient(proxy: torch.nn.Module, tokenizer, n_traces: int, task: Ari
     return compute_proxy_gradient(proxy, batches, path=path, tokenizer=tokenizer)
 
 
-def build_defense(cfg: DefenseConfig, teacher: torch.nn.Module, tokenizer, task: ArithmeticTask,
+def build_defense(cfg: DefenseConfig, teacher: torch.nn.Module, tokenizer, task: Task,
                   console: Console) -> DecodingPolicy:
     proxy = proxy_tok = gradient = None
     spec = DEFENSES[cfg.kind]
@@ -62,8 +61,7 @@ def run_traces(cfg: TracesConfig, out: Path, console: Console | None = None) -> 
     console = console or Console()
     out = Path(out)
     teacher, tok, teacher_path = resolve_model(cfg.teacher, console)
-    teacher_task_cfg = cfg.teacher.teach or TeacherConfig()
-    task = ArithmeticTask(task_config(teacher_task_cfg))
+    task = model_task(cfg.teacher)
     policy = build_defense(cfg.defense, teacher, tok, task, console)
     reveal = RevealTopK(cfg.reveal.top_k, decimals=cfg.reveal.decimals, noise_std=cfg.reveal.noise_std,
                         seed=cfg.seed) if cfg.reveal.top_k else None
@@ -94,8 +92,8 @@ def run_traces(cfg: TracesConfig, out: Path, console: Console | None = None) -> 
                 p = problems[i]
                 rec = {
                     "index": i, "prompt": p.prompt, "completion": texts[row], "answer": p.answer,
-                    "n_ops": p.n_ops, "correct": check_answer(p, texts[row]),
-                    "step_validity": step_validity(texts[row]),
+                    "n_ops": p.difficulty, "correct": task.check(p, texts[row]),
+                    "step_validity": task.step_validity(texts[row]),
                     "tokens": res.tokens[row, :n].tolist(),
                     "logprobs": res.logprobs[row, :n].tolist(),
                     "teacher_logprobs": res.teacher_logprobs[row, :n].tolist(),

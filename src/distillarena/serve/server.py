@@ -9,8 +9,8 @@ import time
 import uvicorn
 
 from distillarena.serve.app import create_app
+from distillarena.serve.backend import load_backend
 from distillarena.serve.config import ServeConfig
-from distillarena.serve.engine import Engine
 from distillarena.serve.store import Store
 
 
@@ -61,23 +61,24 @@ class ServerThread:
 
 
 def build_app(cfg: ServeConfig, store: Store | None = None):
-    """Load the teacher (and proxy) of ``cfg`` and open its store; returns ``(app, engine, store)``."""
-    engine = Engine.from_config(cfg)
+    """Load the teacher (and proxy) of ``cfg`` into its backend (:func:`~distillarena.serve.backend.load_backend`) and
+    open its store; returns ``(app, backend, store)``."""
+    backend = load_backend(cfg)
     store = store or Store(cfg.store_path(), synchronous=cfg.synchronous)
-    return create_app(engine, store, cfg), engine, store
+    return create_app(backend, store, cfg), backend, store
 
 
 def serve(cfg: ServeConfig) -> None:
     """Serve until interrupted (Ctrl-C)."""
-    app, engine, store = build_app(cfg)
+    app, backend, store = build_app(cfg)
     keys = store.list_keys()
     live = [k for k in keys if not k.revoked]
     for k in live:
         try:
-            engine.check_policy(k.policy)
+            backend.check_policy(k.policy)
         except Exception as e:  # noqa: BLE001 - a warning; the key gets a clear 500 if it is used
             print(f"warning: key {k.id} ({k.name}): {e}")
-    print(f"serving {engine.model_name} on http://{cfg.host}:{cfg.port}/v1 (store {store.path}, "
+    print(f"serving {backend.model_name} on http://{cfg.host}:{cfg.port}/v1 (store {store.path}, "
           f"{len(live)} active key(s){'' if live else ': create one with `distillarena keys create`'})", flush=True)
     uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info", lifespan="on")).run()
 

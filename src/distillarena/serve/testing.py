@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from distillarena.serve.backend import Backend, load_backend
 from distillarena.serve.config import ServeConfig
-from distillarena.serve.engine import Engine
 from distillarena.serve.server import ServerThread
 from distillarena.serve.store import Store
 
@@ -33,7 +33,7 @@ def save_tiny_model(path: str | Path, preset: str = "tiny", seed: int = 0) -> Pa
 @dataclass
 class RunningServer:
     thread: ServerThread
-    engine: Engine
+    engine: Backend  # the server's backend (the Hugging Face one: distillarena.serve.engine.Engine)
     store: Store
     config: ServeConfig
 
@@ -46,6 +46,10 @@ class RunningServer:
         return self.thread.url
 
     @property
+    def backend(self) -> Backend:
+        return self.engine
+
+    @property
     def model(self) -> str:
         return self.engine.model_name
 
@@ -55,7 +59,7 @@ def running_server(config: ServeConfig, *, kdf: str | None = FAST_KDF) -> Iterat
     """Load ``config``'s model, open its store and serve on 127.0.0.1 (``config.port``, 0: a free port)."""
     from distillarena.serve.app import create_app
 
-    engine = Engine.from_config(config)
+    engine = load_backend(config)
     store = Store(config.store_path(), synchronous=config.synchronous, kdf=kdf)
     app = create_app(engine, store, config)
     thread = ServerThread(app, host=config.host, port=config.port)

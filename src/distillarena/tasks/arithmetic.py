@@ -117,6 +117,11 @@ class Problem:
         return self.tree.n_ops()
 
     @property
+    def difficulty(self) -> int:
+        """The :class:`~distillarena.tasks.base.TaskProblem` difficulty: the number of operations."""
+        return self.n_ops
+
+    @property
     def prompt(self) -> str:
         if self.style == "words":
             return f"What is {self.tree.render_words()}?\n"
@@ -204,9 +209,21 @@ class ArithmeticConfig:
 
 @dataclass
 class ArithmeticTask:
-    """Seeded generator of problems for one split and difficulty (number of operations)."""
+    """Seeded generator of problems for one split and difficulty (number of operations); a
+    :class:`~distillarena.tasks.base.Task`."""
 
     config: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    name = "arithmetic"
+    answer_prefix = ANSWER_PREFIX
+
+    def extract_answer(self, completion: str) -> int | None:
+        return extract_answer(completion)
+
+    def check(self, problem: Problem, completion: str) -> bool:
+        return check_answer(problem, completion)
+
+    def step_validity(self, completion: str) -> float:
+        return step_validity(completion)
 
     def _random_tree(self, rng: random.Random, n_ops: int) -> Node:
         if n_ops == 0:

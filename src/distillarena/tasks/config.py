@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator, model_validator
 
 from distillarena.core.config import Strict
-from distillarena.tasks.arithmetic import ArithmeticConfig
+from distillarena.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
 
 
 class TaskConfig(Strict):
@@ -37,3 +37,6 @@ class TaskConfig(Strict):
                                 min_value=self.min_value, max_value=self.max_value,
                                 word_fraction=self.word_fraction)
 
+    def build(self) -> ArithmeticTask:
+        """The task these settings describe (a :class:`~distillarena.tasks.base.Task`)."""
+        return ArithmeticTask(self.arithmetic())

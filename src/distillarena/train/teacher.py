@@ -142,6 +142,12 @@ def model_path(ref: ModelRef, console: Console | None = None, *, train: bool = T
     return teach(cfg, console=console).path
 
 
+def model_task(ref: ModelRef) -> ArithmeticTask:
+    """The task a model reference was trained on: the built-in teacher's configured task (the default task for a
+    ``path``), as a :class:`~distillarena.tasks.base.Task`."""
+    return (ref.teach or TeacherConfig()).task.build()
+
+
 def resolve_model(ref: ModelRef, console: Console | None = None) -> tuple[torch.nn.Module, Any, Path]:
     """Load the model and tokenizer a :class:`ModelRef` names (see :func:`model_path`)."""
     path = model_path(ref, console)

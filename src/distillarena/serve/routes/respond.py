@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from distillarena import __version__
-from distillarena.serve.backend import GenResult, GenSequence, TokenNames
+from distillarena.serve.backend import Backend, GenResult, GenSequence
 from distillarena.serve.routes.plan import Plan
 from distillarena.serve.state import AppState, RequestContext
 
@@ -26,7 +26,7 @@ def respond(state: AppState, ctx: RequestContext, plan: Plan, result: GenResult)
     headers = {"x-request-id": ctx.request_id}
     base = {"id": ("chatcmpl-" if plan.chat else "cmpl-") + ctx.request_id, "created": int(ctx.arrived),
             "model": state.model_name, "system_fingerprint": f"fp_distillarena_{__version__}"}
-    lp = _LogprobWriter(plan, state.backend.tokens)
+    lp = _LogprobWriter(plan, state.backend)
     if not plan.stream:
         if plan.chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": s.text, "refusal": None},
@@ -82,15 +82,15 @@ def _revealed(s: GenSequence) -> int:
 class _LogprobWriter:
     """A sequence's revealed log-probs over tokens ``[start, stop)``, as each endpoint writes them."""
 
-    def __init__(self, plan: Plan, tokens: TokenNames):
+    def __init__(self, plan: Plan, backend: Backend):
         self.token_ids = plan.token_ids
-        self.tokens = tokens
+        self.backend = backend
 
     def name(self, tid: int) -> str:
-        return f"token_id:{tid}" if self.token_ids else self.tokens.strings[tid]
+        return f"token_id:{tid}" if self.token_ids else self.backend.tokens.strings[tid]
 
     def token(self, tid: int) -> tuple[str, list[int]]:
-        return self.name(tid), list(self.tokens.bytes[tid])
+        return self.name(tid), list(self.backend.tokens.bytes[tid])
 
     def chat(self, s: GenSequence, start: int, stop: int) -> list[dict]:
         out = []
