@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -29,3 +30,18 @@ def task_tok(_isolated_cache):
     from distillarena.models.tokenizer import task_tokenizer
 
     return task_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, task_tok) -> Path:
+    """A random ``tiny`` preset with a sharpened output (final norm x4), saved as a plain model folder: a teacher
+    with low, context-dependent entropy, built in a blink (no training)."""
+    from distillarena.models.presets import build_preset
+
+    model = build_preset("tiny", task_tok, seed=123)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(4.0)
+    path = tmp_path_factory.mktemp("teacher") / "tiny-teacher"
+    model.save_pretrained(path)
+    task_tok.save_pretrained(path)
+    return path

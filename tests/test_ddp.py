@@ -7,15 +7,7 @@ import sys
 
 import pytest
 import torch
-from test_distill_support import (  # noqa: F401
-    ROOT,
-    one_thread,
-    subprocess_env,
-    tiny_config,
-    tiny_teacher,
-    weights_of,
-    write_config,
-)
+from test_distill_support import ROOT, subprocess_env, tiny_config, weights_of, write_config
 
 from distillarena.cli import main
 from distillarena.core.config import load_config
@@ -24,8 +16,6 @@ from distillarena.recipes.distill import build_data, resolve_stages
 from distillarena.train.config import DistillConfig
 from distillarena.train.distill import DistillStream
 from distillarena.train.loop import count_targets
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def torchrun(cfg, out, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -56,7 +46,7 @@ def rank_counts(cfg_path, teacher):
     return out
 
 
-def test_two_processes_match_one_process(tiny_teacher, tmp_path):  # noqa: F811
+def test_two_processes_match_one_process(tiny_teacher, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", tiny_config(
         tiny_teacher, objective="fkl", train={"steps": 3, "batch_size": 3, "grad_accum": 2},
         eval={"n_examples": 4, "n_problems": 0}, checkpoint={"every": 2}))
@@ -71,7 +61,7 @@ def test_two_processes_match_one_process(tiny_teacher, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_hpd_and_on_policy(tiny_teacher, tmp_path):  # noqa: F811
+def test_two_processes_match_one_process_hpd_and_on_policy(tiny_teacher, tmp_path):
     """HPD's per-position samples and on-policy samples are keyed by the global micro-batch: the same draws
     whatever the number of processes."""
     cfg = tiny_config(tiny_teacher, stages=[{"steps": 2, "objective": "hpd"},

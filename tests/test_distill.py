@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_distill_support import one_thread, tiny_config, tiny_teacher, weights_of, write_config  # noqa: F401
+from test_distill_support import tiny_config, weights_of, write_config
 from transformers import AutoModelForCausalLM
 
 from distillarena.cli import main
@@ -15,8 +15,6 @@ from distillarena.recipes.distill import resolve_stages
 from distillarena.teachers import TextTeacher
 from distillarena.train.config import DistillConfig
 from distillarena.train.distill import DistillLoss, DistillStream, Encoded, Stage
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 REGIMES = {
     "off-policy": {"objective": "fkl"},
@@ -29,7 +27,7 @@ REGIMES = {
 
 
 @pytest.mark.parametrize("regime", list(REGIMES))
-def test_every_regime_runs_end_to_end(regime, tiny_teacher, tmp_path):  # noqa: F811
+def test_every_regime_runs_end_to_end(regime, tiny_teacher, tmp_path):
     cfg = tiny_config(tiny_teacher, **REGIMES[regime])
     if "stages" in cfg:
         del cfg["train"]["steps"]  # the stages' steps add up to the run's
@@ -62,7 +60,7 @@ def test_every_regime_runs_end_to_end(regime, tiny_teacher, tmp_path):  # noqa: 
                                                       strict=True))
 
 
-def test_short_hpd_run_lowers_heldout_forward_kl(tiny_teacher, tmp_path):  # noqa: F811
+def test_short_hpd_run_lowers_heldout_forward_kl(tiny_teacher, tmp_path):
     cfg = tiny_config(tiny_teacher, objective="hpd", data={"train_size": 128},
                       train={"steps": 30, "batch_size": 8, "lr": 3e-3, "log_every": 10, "eval_every": 15},
                       eval={"n_examples": 32, "n_problems": 0})
@@ -108,7 +106,7 @@ def test_per_example_weights_scale_each_examples_loss(task_tok):
     assert not torch.allclose(loss, plain)
 
 
-def test_student_from_teacher_layers_with_lora(tiny_teacher, tmp_path):  # noqa: F811
+def test_student_from_teacher_layers_with_lora(tiny_teacher, tmp_path):
     cfg = tiny_config(tiny_teacher, student={"from_teacher": {"keep_every": 2}, "lora": {"r": 4}},
                       eval={"n_examples": 8, "n_problems": 0})
     out = tmp_path / "run"
@@ -132,7 +130,7 @@ def test_stages_inherit_and_validate():
     assert [s.lmbda for s in st] == [0.0, 1.0, 0.0] and cfg.total_steps == 13
 
 
-def test_topk_cache_regime_end_to_end(tiny_teacher, tmp_path):  # noqa: F811
+def test_topk_cache_regime_end_to_end(tiny_teacher, tmp_path):
     """cache-teacher, then training from the cache (fkl on the k+1 buckets, and hpd through the cached log-probs)
     with the teacher named only for the held-out KL and the identity check."""
     cache = tmp_path / "cache"
@@ -150,7 +148,7 @@ def test_topk_cache_regime_end_to_end(tiny_teacher, tmp_path):  # noqa: F811
         assert ("heldout_fkl" in summary["eval_final"]) == (objective == "hpd")
 
 
-def test_cache_signal_matches_the_live_teacher(tiny_teacher, tmp_path, task_tok):  # noqa: F811
+def test_cache_signal_matches_the_live_teacher(tiny_teacher, tmp_path, task_tok):
     """With k = V and 16 bits, the cached top-k signal gives the same forward KL as the live dense teacher."""
     from distillarena.models.presets import build_preset, load_model
     from distillarena.tasks.data import arithmetic_examples, collate, encode_example

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from test_distill_support import one_thread, tiny_config, tiny_teacher, write_config  # noqa: F401
+from test_distill_support import tiny_config, write_config
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -11,8 +11,6 @@ from distillarena.cli import main
 from distillarena.core.errors import UserError
 from distillarena.models.presets import build_preset
 from distillarena.teachers import check_tokenizers
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def other_tokenizer() -> PreTrainedTokenizerFast:
@@ -42,13 +40,13 @@ def run_expecting_error(tmp_path, capsys, cfg: dict, *extra: str, out=None) -> s
     return err
 
 
-def test_unknown_objective(tmp_path, capsys, tiny_teacher):  # noqa: F811
+def test_unknown_objective(tmp_path, capsys, tiny_teacher):
     err = run_expecting_error(tmp_path, capsys, tiny_config(tiny_teacher, objective="kld"))
     assert "unknown objective 'kld'" in err and "hpd" in err
     assert not (tmp_path / "run").exists()
 
 
-def test_unknown_objective_parameter(tmp_path, capsys, tiny_teacher):  # noqa: F811
+def test_unknown_objective_parameter(tmp_path, capsys, tiny_teacher):
     err = run_expecting_error(tmp_path, capsys, tiny_config(tiny_teacher, objective="fkl",
                                                             objective_params={"alpha": 0.1}))
     assert "alpha" in err
@@ -62,7 +60,7 @@ def test_dense_objective_with_text_teacher(tmp_path, capsys):
     assert "on-policy" in err
 
 
-def test_mismatched_tokenizers(tmp_path, capsys, tiny_teacher, foreign_student):  # noqa: F811
+def test_mismatched_tokenizers(tmp_path, capsys, tiny_teacher, foreign_student):
     err = run_expecting_error(tmp_path, capsys, tiny_config(tiny_teacher, student={"path": str(foreign_student)}))
     assert "tokenizer differs" in err and "probe text tokenized differently" in err
     assert not (tmp_path / "run").exists()
@@ -80,7 +78,7 @@ def test_check_tokenizers_allows_only_a_padded_copy_with_align_vocab(task_tok):
         check_tokenizers(task_tok, other_tokenizer(), align_vocab=True)
 
 
-def test_empty_dataset(tmp_path, capsys, tiny_teacher):  # noqa: F811
+def test_empty_dataset(tmp_path, capsys, tiny_teacher):
     data = tmp_path / "empty.jsonl"
     data.write_text(json.dumps({"prompt": "x", "completion": "y"}) + "\n")
     cfg = tiny_config(tiny_teacher, data={"source": str(data), "train_size": 1})
@@ -93,14 +91,14 @@ def test_empty_dataset(tmp_path, capsys, tiny_teacher):  # noqa: F811
     assert "is empty" in err
 
 
-def test_sequence_longer_than_context(tmp_path, capsys, tiny_teacher):  # noqa: F811
+def test_sequence_longer_than_context(tmp_path, capsys, tiny_teacher):
     err = run_expecting_error(tmp_path, capsys, tiny_config(tiny_teacher, data={"max_length": 8}))
     assert "longer than the limit of 8" in err
     err = run_expecting_error(tmp_path, capsys, tiny_config(tiny_teacher, lmbda=1.0, max_new_tokens=600))
     assert "exceeds the models' context" in err
 
 
-def test_cache_for_another_teacher_or_tokenizer_or_corrupted(tmp_path, capsys, tiny_teacher,  # noqa: F811
+def test_cache_for_another_teacher_or_tokenizer_or_corrupted(tmp_path, capsys, tiny_teacher,
                                                              foreign_student, task_tok):
     cache = tmp_path / "cache"
     assert main(["cache-teacher", str(write_config(tmp_path / "cc.yaml", tiny_config(tiny_teacher))),
@@ -132,7 +130,7 @@ def test_cache_for_another_teacher_or_tokenizer_or_corrupted(tmp_path, capsys, t
     assert not (tmp_path / "run").exists()
 
 
-def test_existing_run_is_not_overwritten(tmp_path, capsys, tiny_teacher):  # noqa: F811
+def test_existing_run_is_not_overwritten(tmp_path, capsys, tiny_teacher):
     out = tmp_path / "run"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
@@ -143,6 +141,6 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys, tiny_teacher):  # noq
     assert "nothing to resume" in err
 
 
-def test_unknown_field_names_field_and_file(tmp_path, capsys, tiny_teacher):  # noqa: F811
+def test_unknown_field_names_field_and_file(tmp_path, capsys, tiny_teacher):
     err = run_expecting_error(tmp_path, capsys, tiny_config(tiny_teacher, lambda_=0.5))
     assert "lambda_: unknown field" in err and "c.yaml" in err

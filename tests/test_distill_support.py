@@ -1,4 +1,5 @@
-"""Shared helpers of the distillation tests (no tests here): a tiny teacher folder and tiny configs."""
+"""Shared helpers of the distillation tests (no tests here): tiny configs, weights, the CLI in a subprocess.
+(The tiny teacher folder is a fixture in conftest.py.)"""
 
 from __future__ import annotations
 
@@ -8,36 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run far faster on one thread than on two contended ones (this machine's cores are shared)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="session")
-def tiny_teacher(tmp_path_factory, task_tok) -> Path:
-    """A random ``tiny`` preset with a sharpened output (final norm x4), saved as a plain model folder: a teacher
-    with low, context-dependent entropy, built in a blink (no training)."""
-    from distillarena.models.presets import build_preset
-
-    model = build_preset("tiny", task_tok, seed=123)
-    with torch.no_grad():
-        model.model.norm.weight.mul_(4.0)
-    path = tmp_path_factory.mktemp("teacher") / "tiny-teacher"
-    model.save_pretrained(path)
-    task_tok.save_pretrained(path)
-    return path
 
 
 def tiny_config(teacher_path: Path | None, **over) -> dict:

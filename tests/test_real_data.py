@@ -7,7 +7,7 @@ import importlib.util
 import json
 
 import pytest
-from test_distill_support import one_thread, tiny_config, tiny_teacher, write_config  # noqa: F401
+from test_distill_support import tiny_config, write_config
 
 from distillarena.cli import main
 from distillarena.core.errors import UserError
@@ -90,7 +90,7 @@ def test_champ_probe_rows(tmp_path):
     assert len(load_examples(str(files["champ"]))) == 270
 
 
-def test_probes_are_scored_next_to_the_heldout_set(tiny_teacher, tmp_path, one_thread):  # noqa: F811
+def test_probes_are_scored_next_to_the_heldout_set(tiny_teacher, tmp_path):
     files = write_chat_data(tmp_path / "data", train=8, heldout=4, n_ops=[1], champ=False)
     held = str(files["arithmetic-heldout"])
     cfg = tiny_config(tiny_teacher, data={"source": str(files["arithmetic-train"]), "eval_source": held,

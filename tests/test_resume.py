@@ -11,16 +11,7 @@ import sys
 
 import pytest
 import torch
-from test_distill_support import (  # noqa: F401
-    ROOT,
-    one_thread,
-    run_cli,
-    subprocess_env,
-    tiny_config,
-    tiny_teacher,
-    weights_of,
-    write_config,
-)
+from test_distill_support import ROOT, run_cli, subprocess_env, tiny_config, weights_of, write_config
 
 from distillarena.cli import main
 from distillarena.core.io import read_jsonl
@@ -28,8 +19,6 @@ from distillarena.models.presets import build_preset
 from distillarena.tasks.data import arithmetic_examples, collate, encode_example
 from distillarena.train.checkpoint import latest_checkpoint, list_checkpoints
 from distillarena.train.loop import LoopConfig, causal_lm_loss_sum, train
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -76,7 +65,7 @@ def resume_config(teacher):
     return cfg
 
 
-def test_sigkill_mid_run_and_mid_checkpoint_then_resume_is_bit_identical(tiny_teacher, tmp_path):  # noqa: F811
+def test_sigkill_mid_run_and_mid_checkpoint_then_resume_is_bit_identical(tiny_teacher, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", resume_config(tiny_teacher))
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(["distill", str(cfg), "--out", str(full)]) == 0
@@ -100,7 +89,7 @@ def test_sigkill_mid_run_and_mid_checkpoint_then_resume_is_bit_identical(tiny_te
     assert max(r["step"] for r in recs if r["phase"] == "train") == 8
 
 
-def test_resume_refuses_another_config(tiny_teacher, tmp_path, capsys):  # noqa: F811
+def test_resume_refuses_another_config(tiny_teacher, tmp_path, capsys):
     cfg = resume_config(tiny_teacher)
     cfg["checkpoint"]["every"] = 4
     path = write_config(tmp_path / "c.yaml", cfg)
@@ -112,7 +101,7 @@ def test_resume_refuses_another_config(tiny_teacher, tmp_path, capsys):  # noqa:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume_is_bit_identical(tiny_teacher, tmp_path):  # noqa: F811
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tiny_teacher, tmp_path):
     cfg = resume_config(tiny_teacher)
     cfg["stages"] = [{"steps": 10, "objective": "hpd"}, {"steps": 10, "objective": "jsd", "lmbda": 0.5}]
     cfg["checkpoint"]["every"] = 1

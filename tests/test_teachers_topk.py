@@ -9,15 +9,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_distill_support import one_thread, tiny_teacher  # noqa: F401
 
 from distillarena.core.errors import UserError
 from distillarena.models.presets import load_model
 from distillarena.objectives.signals import topk_token_logprobs
 from distillarena.tasks.data import arithmetic_examples, collate, encode_example
 from distillarena.teachers import LocalTeacher, TopKCache, TopKCodec, build_topk_cache, cached_kl
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @settings(max_examples=60, deadline=None)
@@ -71,7 +68,7 @@ def test_topk_token_logprobs_inside_and_outside():
 
 
 @pytest.fixture(scope="module")
-def built(tiny_teacher, task_tok, tmp_path_factory):  # noqa: F811
+def built(tiny_teacher, task_tok, tmp_path_factory):
     model = load_model(str(tiny_teacher))
     with torch.no_grad():
         model.model.norm.weight.mul_(4.0)  # peaked like a trained teacher: little mass beyond the top 128

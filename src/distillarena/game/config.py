@@ -177,9 +177,8 @@ class GameEvalConfig(Strict):
 class OracleConfig(Strict):
     """The oracle check of adaptive attackers: the actual holdout-loss change after one SGD step (``lr``) on each
     of ``n_traces`` traces, rank-correlated with the cheap value (0: off). The value is first-order: with a tiny
-    ``lr`` the correlation tends to 1 by construction; with a large one the curvature of the loss dominates (measured
-    on the built-in world, 32 traces: 0.75-0.99 at lr 1e-3, -0.43 to +0.85 at 1e-2, -0.26 to +0.19 at 5e-2,
-    depending on the student)."""
+    ``lr`` the correlation tends to 1 by construction; with a large one the curvature of the loss dominates
+    (measurements in docs/decisions.md, "The oracle check's step size")."""
 
     n_traces: int = Field(32, ge=0)
     lr: float = Field(0.01, gt=0)

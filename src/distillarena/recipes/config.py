@@ -55,10 +55,9 @@ class DemoDistillConfig(Strict):
 def demo_game() -> GameConfig:
     """The demo's game: no defense, one temperature and one PoE strength (of about the same teacher utility, so
     the two can be compared), passive and adaptive students, one seed, sized to run in about two minutes (the
-    teacher is the demo's own: ``teacher`` is filled in from it). The adaptive student's beta is 0.5: at beta 1
-    a few traces carry most of the weight (effective sample size about a quarter of the budget) and, on this world,
-    the student learns less from undefended traces than the base student knew, which leaves its recovery
-    undefined (measured: accuracy 0.36 at beta 1, 0.48 at 0.5, 0.49 at 0.25, passive 0.54, base 0.43)."""
+    teacher is the demo's own: ``teacher`` is filled in from it). The adaptive student's beta is 0.5, not 1: at beta 1
+    a few traces carry most of the weight and the recovery can be undefined (docs/decisions.md, "The demo's adaptive
+    beta")."""
     return GameConfig(
         defenses=[GameDefense(kind="temperature", strengths=[{"temperature": 1.6}]),
                   GameDefense(kind="poe", strengths=[{"gamma": 0.5}])],

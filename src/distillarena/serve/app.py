@@ -24,9 +24,9 @@ with ``data: [DONE]``. The sampler has no per-token callback, so the whole compl
 sent token by token: time to first token equals the full latency (see the report of issue 7).
 
 Where it lives: :mod:`~distillarena.serve.state` (the backend, store and config the routes share; the key check and
-ledger writes), :mod:`~distillarena.serve.errors` (error shape, handlers, middleware) and
-:mod:`~distillarena.serve.routes` (the handlers by concern); this module only puts them together. The app sees its
-backend through :class:`~distillarena.serve.backend.Backend`.
+ledger writes), :mod:`~distillarena.serve.errors` (the error shape, the middleware) and
+:mod:`~distillarena.serve.routes` (the route and exception handlers, by concern); this module only puts them
+together. The app sees its backend through :class:`~distillarena.serve.backend.Backend`.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ from fastapi import FastAPI
 from distillarena import __version__
 from distillarena.serve.backend import Backend
 from distillarena.serve.config import ServeConfig
-from distillarena.serve.errors import GENERATION_PATHS, MAX_BODY_BYTES, ApiError, TimingMiddleware, add_error_handlers
+from distillarena.serve.errors import MAX_BODY_BYTES, ApiError, TimingMiddleware
 from distillarena.serve.routes import add_routes
+from distillarena.serve.routes.handlers import GENERATION_PATHS
 from distillarena.serve.routes.plan import MAX_STOP
 from distillarena.serve.state import AppState
 from distillarena.serve.store import Store
@@ -67,7 +68,6 @@ def create_app(engine: Backend, store: Store, config: ServeConfig | None = None,
         lifespan=lifespan,
     )
     app.add_middleware(TimingMiddleware)
-    add_error_handlers(app, state)
     add_routes(app, state)
     return app
 

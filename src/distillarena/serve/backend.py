@@ -1,28 +1,29 @@
-"""The seam between the HTTP API and what generates: the :class:`Backend` protocol, the job and result types every
-backend speaks, and the table of backends.
+"""The seam between the HTTP API and what generates: the :class:`Backend` protocol and the job and result types
+every backend speaks (the table of backends is :mod:`~distillarena.serve.registry`).
 
-The API layer (:mod:`~distillarena.serve.app` and :mod:`~distillarena.serve.routes`), :mod:`~distillarena.serve.server`
+The API layer (:mod:`~distillarena.serve.app`, :mod:`~distillarena.serve.routes`), :mod:`~distillarena.serve.server`
 and :mod:`~distillarena.serve.testing` see a backend only through :class:`Backend`. Today's one is the Hugging Face
 backend, :class:`distillarena.serve.engine.Engine` (the model in process, a queue and one batching worker thread).
 
-Adding a backend (a vLLM one, say): one module with a class that implements :class:`Backend` and a
-``from_config(cfg: ServeConfig)`` constructor, and one entry in :data:`BACKENDS`. It takes :class:`GenJob` (token-id
-prompts, sampling settings and the key's :class:`~distillarena.serve.config.PolicyConfig`, whose defense it must
-apply as :func:`distillarena.defenses.policy.build_policy` defines it) and answers each with a :class:`GenResult`.
+Adding a backend (a vLLM one, say): one module with a class that implements :class:`Backend` and a constructor from
+the :class:`~distillarena.serve.config.ServeConfig`, and one entry in ``BACKENDS``
+(:mod:`~distillarena.serve.registry`). It takes :class:`GenJob` (token-id prompts, sampling settings and the key's
+:class:`~distillarena.serve.config.PolicyConfig`, whose defense it must apply as
+:func:`distillarena.defenses.policy.build_policy` defines it) and answers each with a :class:`GenResult`.
 
-Torch-free: importing this module does not import the HF backend (its table entry imports it when called).
+Torch-free: importing this module does not import the HF backend.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from distillarena.serve.config import PolicyConfig, ServeConfig
+from distillarena.serve.config import PolicyConfig
 
 
 class EngineClosed(RuntimeError):
@@ -158,30 +159,4 @@ class Backend(Protocol):
         ...
 
 
-BackendFactory = Callable[[ServeConfig], Backend]
-
-
-def _hf(cfg: ServeConfig) -> Backend:
-    from distillarena.serve.engine import Engine
-
-    return Engine.from_config(cfg)
-
-
-# the one table of backends: kind -> constructor from the serve config
-BACKENDS: dict[str, BackendFactory] = {
-    "hf": _hf,  # the model in process (transformers), batched by one worker thread: distillarena.serve.engine
-}
-DEFAULT_BACKEND = "hf"
-
-
-def load_backend(cfg: ServeConfig, kind: str = DEFAULT_BACKEND) -> Backend:
-    """The backend ``kind`` of :data:`BACKENDS` for ``cfg`` (loads the model; not started)."""
-    try:
-        factory = BACKENDS[kind]
-    except KeyError:
-        raise ValueError(f"unknown serving backend {kind!r}; expected one of {', '.join(BACKENDS)}") from None
-    return factory(cfg)
-
-
-__all__ = ["BACKENDS", "DEFAULT_BACKEND", "Backend", "BackendFactory", "EngineClosed", "GenJob", "GenResult",
-           "GenSequence", "ServerMisconfigured", "TokenNames", "load_backend"]
+__all__ = ["Backend", "EngineClosed", "GenJob", "GenResult", "GenSequence", "ServerMisconfigured", "TokenNames"]

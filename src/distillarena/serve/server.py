@@ -9,8 +9,8 @@ import time
 import uvicorn
 
 from distillarena.serve.app import create_app
-from distillarena.serve.backend import load_backend
 from distillarena.serve.config import ServeConfig
+from distillarena.serve.registry import load_backend
 from distillarena.serve.store import Store
 
 
@@ -61,7 +61,7 @@ class ServerThread:
 
 
 def build_app(cfg: ServeConfig, store: Store | None = None):
-    """Load the teacher (and proxy) of ``cfg`` into its backend (:func:`~distillarena.serve.backend.load_backend`) and
+    """Load the teacher (and proxy) of ``cfg`` into its backend (:func:`~distillarena.serve.registry.load_backend`) and
     open its store; returns ``(app, backend, store)``."""
     backend = load_backend(cfg)
     store = store or Store(cfg.store_path(), synchronous=cfg.synchronous)

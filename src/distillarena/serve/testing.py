@@ -10,8 +10,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from distillarena.serve.backend import Backend, load_backend
+from distillarena.serve.backend import Backend
 from distillarena.serve.config import ServeConfig
+from distillarena.serve.registry import load_backend
 from distillarena.serve.server import ServerThread
 from distillarena.serve.store import Store
 
