@@ -13,7 +13,7 @@ from distillarena.attacks.valuation import Valuation, fd_values, holdout_directi
 from distillarena.core.errors import UserError
 from distillarena.tasks.data import IGNORE_INDEX, collate
 
-Encoded = tuple[list[int], list[int]]
+EncodedPair = tuple[list[int], list[int]]
 
 
 def per_sequence_nll(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -27,12 +27,12 @@ def per_sequence_nll(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor
     return (nll * scored).sum(-1) / scored.sum(-1).clamp(min=1)
 
 
-def batches(encoded: Sequence[Encoded], pad_id: int, batch_size: int = 64) -> Iterator[dict[str, Tensor]]:
+def batches(encoded: Sequence[EncodedPair], pad_id: int, batch_size: int = 64) -> Iterator[dict[str, Tensor]]:
     for i in range(0, len(encoded), batch_size):
         yield collate(list(encoded[i : i + batch_size]), pad_id)
 
 
-def holdout_loss_fn(holdout: Sequence[Encoded], pad_id: int, batch_size: int = 64):
+def holdout_loss_fn(holdout: Sequence[EncodedPair], pad_id: int, batch_size: int = 64):
     """``L_H`` as per-batch terms: Σ_batches Σ_rows nll / N (the mean over holdout examples)."""
     if not holdout:
         raise UserError("the attacker's holdout set is empty: the adaptive value needs holdout examples")
@@ -45,7 +45,7 @@ def holdout_loss_fn(holdout: Sequence[Encoded], pad_id: int, batch_size: int = 6
     return fn
 
 
-def trace_losses_fn(traces: Sequence[Encoded], pad_id: int, batch_size: int = 64):
+def trace_losses_fn(traces: Sequence[EncodedPair], pad_id: int, batch_size: int = 64):
     def fn(model: torch.nn.Module) -> Tensor:
         with torch.no_grad():
             return torch.cat([per_sequence_nll(model, b).detach().cpu() for b in batches(traces, pad_id, batch_size)])
@@ -53,7 +53,7 @@ def trace_losses_fn(traces: Sequence[Encoded], pad_id: int, batch_size: int = 64
     return fn
 
 
-def value_traces(model: torch.nn.Module, traces: Sequence[Encoded], holdout: Sequence[Encoded], *, pad_id: int,
+def value_traces(model: torch.nn.Module, traces: Sequence[EncodedPair], holdout: Sequence[EncodedPair], *, pad_id: int,
                  eps: float = 1e-2, batch_size: int = 64) -> Valuation:
     """The value ``a_i`` of every trace for ``model`` (see :mod:`.valuation` for the definition and sign)."""
     if not traces:
@@ -63,7 +63,7 @@ def value_traces(model: torch.nn.Module, traces: Sequence[Encoded], holdout: Seq
     return Valuation(a, norm, eps)
 
 
-def oracle_traces(model: torch.nn.Module, traces: Sequence[Encoded], holdout: Sequence[Encoded],
+def oracle_traces(model: torch.nn.Module, traces: Sequence[EncodedPair], holdout: Sequence[EncodedPair],
                   indices: Sequence[int], *, pad_id: int, lr: float, batch_size: int = 64) -> Tensor:
     """The holdout-loss decrease after one SGD step (``lr``) on each trace of ``indices``."""
 

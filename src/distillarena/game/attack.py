@@ -137,8 +137,6 @@ def train_student(student: torch.nn.Module, traces: list, plan: Plan, topk: Reve
     stream = DistillStream({"data": pool}, stages, batch_size=cfg.train.batch_size, grad_accum=1, seed=seed,
                            pad_id=pad_id)
     loss_fn = DistillLoss(teacher, stages, unwrap=accelerator.unwrap_model, seed=seed)
-    t = cfg.train
-    loop = LoopConfig(steps=t.steps, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
-                      min_lr_ratio=t.min_lr_ratio, max_grad_norm=t.max_grad_norm, log_every=max(t.steps, 1))
+    loop = LoopConfig.from_settings(cfg.train, log_every=max(cfg.train.steps, 1))
     torch.manual_seed(seed)
     return train(student, stream, loss_fn, loop, accelerator=accelerator)

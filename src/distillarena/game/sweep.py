@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from distillarena.attacks.lm import Encoded
+from distillarena.attacks.lm import EncodedPair
 from distillarena.core.config import dump_config
 from distillarena.core.errors import UserError
 from distillarena.core.io import atomic_dir, atomic_write_json, atomic_write_text, json_safe
@@ -107,7 +107,7 @@ class Game:
             self._teacher = (model, tok, str(path))
         return self._teacher
 
-    def holdout(self, tok) -> list[Encoded]:
+    def holdout(self, tok) -> list[EncodedPair]:
         """The attacker's clean holdout: reference solutions of holdout-split problems."""
         problems = self.task.problems("holdout", self.cfg.holdout, self.cfg.prompts.n_ops, seed=0)
         return [encode_example(tok, problem_example(p)) for p in problems]

@@ -515,11 +515,8 @@ def run_distill(cfg: DistillConfig, out: Path, *, resume: bool = False, overwrit
                              seed=cfg.train.seed, pad_id=pad, eos_id=tok.eos_token_id)
     stream = DistillStream(pools, stages, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
                            world=world, rank=accelerator.process_index, seed=cfg.train.seed, pad_id=pad)
-    t = cfg.train
-    loop = LoopConfig(steps=cfg.total_steps, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
-                      min_lr_ratio=t.min_lr_ratio, grad_accum=t.grad_accum // world, max_grad_norm=t.max_grad_norm,
-                      log_every=t.log_every, eval_every=t.eval_every, checkpoint_every=cfg.checkpoint.every,
-                      keep_checkpoints=cfg.checkpoint.keep)
+    loop = LoopConfig.from_settings(cfg.train, steps=cfg.total_steps, grad_accum=cfg.train.grad_accum // world,
+                                    checkpoint_every=cfg.checkpoint.every, keep_checkpoints=cfg.checkpoint.keep)
     last_eval: dict[str, Any] = {}
 
     def evaluate(step: int, model: torch.nn.Module) -> dict[str, Any]:

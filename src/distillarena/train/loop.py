@@ -20,6 +20,7 @@ Optional pieces, all used by distillation:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -52,6 +53,13 @@ class LoopConfig:
     optimizer: str = "adamw"  # or "sgd" (plain steps: handy to compare updates exactly)
     checkpoint_every: int = 0  # 0: no checkpoints (with a checkpoint_dir, the last step is always saved)
     keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> LoopConfig:
+        """The loop's settings from a config section that names them the same way (``TrainConfig``,
+        ``GameTrainConfig``, ...): fields the section lacks keep their defaults; ``overrides`` win."""
+        given = {f.name: getattr(settings, f.name) for f in dataclasses.fields(cls) if hasattr(settings, f.name)}
+        return cls(**{**given, **overrides})
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:

@@ -106,10 +106,7 @@ def teach(cfg: TeacherConfig, *, force: bool = False, console: Console | None = 
             bar.update(task_id, status=f"holdout {PROBE_DIFFICULTY}-op acc {rec['holdout_accuracy']:.1%}")
             return rec
 
-        loop = LoopConfig(steps=cfg.train.steps, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                          warmup_steps=cfg.train.warmup_steps, min_lr_ratio=cfg.train.min_lr_ratio,
-                          grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm,
-                          log_every=cfg.train.log_every, eval_every=cfg.train.eval_every)
+        loop = LoopConfig.from_settings(cfg.train)
         model = train(model, batches(), causal_lm_loss_sum, loop, on_log=on_log, on_eval=on_eval)
         bar.update(task_id, completed=cfg.train.steps)
     final = probe_accuracy(cfg.train.steps)
