@@ -3,8 +3,11 @@ an SQLite ledger.
 
 - :mod:`~distillarena.serve.config`: :class:`ServeConfig` (YAML) and :class:`PolicyConfig` (per key);
 - :mod:`~distillarena.serve.store`: :class:`Store`, keys (salted scrypt hashes), exact budgets, rate limits, ledger;
-- :mod:`~distillarena.serve.engine`: :class:`Engine`, the model and the batching worker over the project's sampler;
-- :mod:`~distillarena.serve.app`: :func:`create_app`, the FastAPI app;
+- :mod:`~distillarena.serve.backend`: the :class:`Backend` protocol a model server implements, and its job types;
+- :mod:`~distillarena.serve.registry`: ``BACKENDS``, the table of backends by name (``hf``: the engine below);
+- :mod:`~distillarena.serve.engine`: :class:`Engine`, the Hugging Face backend (batching worker over the sampler);
+- :mod:`~distillarena.serve.app`: :func:`create_app`, the FastAPI app: state (:mod:`~distillarena.serve.state`),
+  errors and middleware (:mod:`~distillarena.serve.errors`), routes (:mod:`~distillarena.serve.routes`);
 - :mod:`~distillarena.serve.server`: :func:`serve` and :class:`ServerThread` (uvicorn);
 - :mod:`~distillarena.serve.cli`: ``serve``, ``keys`` and ``ledger`` subcommands.
 

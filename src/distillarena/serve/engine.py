@@ -1,6 +1,7 @@
 """The Hugging Face serving backend (:class:`Engine`): the teacher (and proxy) in process, a queue, and one worker
-thread that batches. It implements :class:`distillarena.serve.backend.Backend` (entry ``"hf"`` of ``BACKENDS``); the
-job and result types (:class:`GenJob`, :class:`GenResult`, ...) are the backend module's, re-exported here.
+thread that batches. It implements :class:`distillarena.serve.backend.Backend` (entry ``"hf"`` of
+``serve.registry.BACKENDS``); the job and result types (:class:`GenJob`, :class:`GenResult`, ...) are the backend
+module's, re-exported here.
 
 One background thread owns the model. Requests (:class:`GenJob`) wait in a queue; the worker takes the oldest,
 waits for others to arrive, and runs one batched :func:`distillarena.decoding.sample` call for the oldest job and
