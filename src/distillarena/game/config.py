@@ -11,7 +11,7 @@ from distillarena.core.errors import UserError
 from distillarena.defenses.spec import DefenseKind, check_defense, defense_label
 from distillarena.objectives import get_objective
 from distillarena.tasks.config import TaskConfig
-from distillarena.train.config import ModelRef, TeacherConfig, TrainConfig
+from distillarena.train.config import ModelRef, ScheduleConfig, TeacherConfig, TrainConfig
 
 
 def default_proxy() -> ModelRef:
@@ -155,16 +155,13 @@ class GamePrompts(Strict):
     seed: int = 0
 
 
-class GameTrainConfig(Strict):
+class GameTrainConfig(ScheduleConfig):
     """The attacker's training run (the project's one loop), the same for every cell."""
 
     steps: int = Field(250, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    weight_decay: float = Field(0.01, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0)
 
 
 class GameEvalConfig(Strict):

@@ -13,15 +13,21 @@ from distillarena.core.config import Strict
 from distillarena.tasks.config import TaskConfig
 
 
-class TrainConfig(Strict):
+class ScheduleConfig(Strict):
+    """What every training run sets: length, batch, and the AdamW schedule (warmup, then cosine to
+    ``min_lr_ratio``); :meth:`~distillarena.train.loop.LoopConfig.from_settings` reads it."""
+
     steps: int = Field(700, ge=1)
     batch_size: int = Field(64, ge=1)
-    grad_accum: int = Field(1, ge=1)
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(30, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.01, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
+
+
+class TrainConfig(ScheduleConfig):
+    grad_accum: int = Field(1, ge=1)
     seed: int = 0
     log_every: int = Field(25, ge=1)
     eval_every: int = Field(100, ge=0, description="held-out accuracy every N steps (0: only at the end)")
