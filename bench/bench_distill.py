@@ -43,11 +43,12 @@ from rich.console import Console  # noqa: E402
 from distillarena.models.fingerprint import model_fingerprint  # noqa: E402
 from distillarena.models.presets import build_preset, load_model, load_tokenizer  # noqa: E402
 from distillarena.objectives import get_objective  # noqa: E402
-from distillarena.recipes.distill import build_data, run_distill  # noqa: E402
+from distillarena.recipes.distill import run_distill  # noqa: E402
 from distillarena.teachers import LocalTeacher, TopKCache, build_topk_cache  # noqa: E402
 from distillarena.train.config import DistillConfig, TeacherConfig  # noqa: E402
 from distillarena.train.distill import DistillLoss, DistillStream, OnPolicy, Stage  # noqa: E402
 from distillarena.train.loop import LoopConfig, train  # noqa: E402
+from distillarena.train.setup import build_data  # noqa: E402
 from distillarena.train.teacher import teach  # noqa: E402
 
 console = Console()

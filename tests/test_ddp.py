@@ -12,10 +12,10 @@ from test_distill_support import ROOT, subprocess_env, tiny_config, weights_of, 
 from distillarena.cli import main
 from distillarena.core.config import load_config
 from distillarena.models.presets import load_tokenizer
-from distillarena.recipes.distill import build_data, resolve_stages
 from distillarena.train.config import DistillConfig
 from distillarena.train.distill import DistillStream
 from distillarena.train.loop import count_targets
+from distillarena.train.setup import build_data, resolve_stages
 
 
 def torchrun(cfg, out, nproc: int = 2) -> subprocess.CompletedProcess:

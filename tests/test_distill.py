@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM
 from distillarena.cli import main
 from distillarena.core.io import read_jsonl
 from distillarena.objectives import TeacherSignal, compute_objective
-from distillarena.recipes.distill import resolve_stages
 from distillarena.teachers import TextTeacher
 from distillarena.train.config import DistillConfig
 from distillarena.train.distill import DistillLoss, DistillStream, Encoded, Stage
+from distillarena.train.setup import resolve_stages
 
 REGIMES = {
     "off-policy": {"objective": "fkl"},
@@ -176,7 +176,7 @@ def test_examples_validate(name):
     from pathlib import Path
 
     from distillarena.core.config import load_config
-    from distillarena.recipes.distill import check_regimes
+    from distillarena.train.setup import check_regimes
 
     cfg = load_config(Path(__file__).parents[1] / "examples" / f"{name}.yaml", DistillConfig)
     check_regimes(cfg, resolve_stages(cfg))

@@ -284,7 +284,16 @@ class _Plan:
             raise UserError(f"temperature must be a positive number, got {temperature!r}")
         self.T = float(temperature)
 
-        # ---- student --------------------------------------------------------------------------------------
+        self._resolve_student(student)
+        self._resolve_teacher(teacher)
+        self._resolve_vocabulary(align_vocab)
+        self._resolve_labels(labels)
+        self._split_parameters(params)
+        self._teacher_arrays()
+        self._plan_chunks(chunk_size)
+
+    def _resolve_student(self, student: Any) -> None:
+        """Logits or hidden states + output layer: the positions, vocabulary, device and dtype."""
         if isinstance(student, tuple):
             student = LMHeadInput(*student)
         if isinstance(student, LMHeadInput):
@@ -316,25 +325,26 @@ class _Plan:
         self.N = math.prod(pshape)
         self.cdtype = torch.float64 if sdtype == torch.float64 else torch.float32
 
-        # ---- teacher --------------------------------------------------------------------------------------
+    def _resolve_teacher(self, teacher: Any) -> None:
+        """The teacher signal, checked against what the objective accepts and the student's positions."""
         if isinstance(teacher, Tensor | LMHeadInput):
             teacher = TeacherSignal.dense(teacher)
         if teacher is None:
-            if "none" not in spec.signals:
+            if "none" not in self.spec.signals:
                 raise UserError(f"objective {self.name!r} needs a teacher signal (teacher=None given)")
             self.tkind = "none"
         elif isinstance(teacher, TeacherSignal):
             self.tkind = teacher.kind
-            if teacher.kind not in spec.signals:
-                accepted = ", ".join(sorted(spec.signals - {"none"}))
+            if teacher.kind not in self.spec.signals:
+                accepted = ", ".join(sorted(self.spec.signals - {"none"}))
                 raise UserError(
                     f"objective {self.name!r} cannot use a teacher signal of kind {teacher.kind!r} (it "
                     f"accepts: {accepted}). "
                     f"{_WHY_NOT.get((self.name, teacher.kind), _WHY_NOT_KIND[teacher.kind])}"
                 )
-            if teacher.positions_shape != pshape:
+            if teacher.positions_shape != self.pshape:
                 raise UserError(
-                    f"teacher signal positions {teacher.positions_shape} do not match the student's {pshape}"
+                    f"teacher signal positions {teacher.positions_shape} do not match the student's {self.pshape}"
                 )
         else:
             raise UserError(f"teacher must be a TeacherSignal (or logits tensor), got {type(teacher).__name__}")
@@ -347,8 +357,9 @@ class _Plan:
                 "want."
             )
 
-        # ---- vocabulary -----------------------------------------------------------------------------------
-        self.Vt = teacher.vocab_size if self.tkind == "dense" else None
+    def _resolve_vocabulary(self, align_vocab: bool) -> None:
+        """The shared vocabulary (a padded one is cut to the smaller with ``align_vocab``)."""
+        self.Vt = self.teacher.vocab_size if self.tkind == "dense" else None
         self.V = self.Vs
         if self.Vt is not None and self.Vt != self.Vs:
             if not align_vocab:
@@ -361,18 +372,19 @@ class _Plan:
                 )
             self.V = min(self.Vs, self.Vt)
 
-        # ---- labels ---------------------------------------------------------------------------------------
+    def _resolve_labels(self, labels: Tensor | None) -> None:
+        """Labels checked and flattened; the valid positions."""
         if labels is None:
-            if spec.needs_labels:
+            if self.spec.needs_labels:
                 raise UserError(f"objective {self.name!r} needs labels (the target token at each position)")
             self.labels = torch.zeros(self.N, dtype=torch.long, device=self.device)
             self.valid_idx = torch.arange(self.N, device=self.device)
         else:
             if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
                 raise UserError("labels must be an integer tensor")
-            if tuple(labels.shape) != pshape:
+            if tuple(labels.shape) != self.pshape:
                 raise UserError(
-                    f"labels shape {tuple(labels.shape)} does not match the student's positions {pshape} "
+                    f"labels shape {tuple(labels.shape)} does not match the student's positions {self.pshape} "
                     "(labels must already be shifted to align with the logits)"
                 )
             lab = labels.reshape(-1).to(self.device, torch.long)
@@ -382,38 +394,41 @@ class _Plan:
                 i = int(bad.nonzero()[0, 0])
                 hint = f" (the shared vocabulary after alignment has {self.V} tokens)" if self.V != self.Vs else ""
                 raise UserError(
-                    f"label {int(lab[i])} at {_describe(i, pshape)} is outside the vocabulary [0, "
+                    f"label {int(lab[i])} at {_describe(i, self.pshape)} is outside the vocabulary [0, "
                     f"{self.V}){hint}; use {IGNORE_INDEX} for positions to ignore"
                 )
             self.labels = lab.clamp(min=0)
             self.valid_idx = valid.nonzero().squeeze(1)
         self.count = int(self.valid_idx.numel())
 
-        # ---- per-position parameters ----------------------------------------------------------------------
+    def _split_parameters(self, params: dict[str, Any]) -> None:
+        """Per-position tensor parameters (e.g. hpd's sampled ids) apart from the scalar ones."""
         self.params = dict(params)
         self.extras: dict[str, Tensor] = {}
-        for pname in spec.per_position:
+        for pname in self.spec.per_position:
             v = self.params.pop(pname)
             if v is None:
                 continue
-            if not isinstance(v, Tensor) or tuple(v.shape) != pshape:
-                raise UserError(f"{pname} must be a tensor with the labels' shape {pshape}")
+            if not isinstance(v, Tensor) or tuple(v.shape) != self.pshape:
+                raise UserError(f"{pname} must be a tensor with the labels' shape {self.pshape}")
             self.extras[pname] = v.reshape(-1).to(self.device)
 
-        # ---- teacher arrays -------------------------------------------------------------------------------
+    def _teacher_arrays(self) -> None:
+        """The teacher's arrays, flattened over positions, by signal kind."""
         self.t_logits: Tensor | None = None
         if self.tkind == "dense":
-            if teacher.logits is not None:
-                self.t_logits = _flat_positions(teacher.logits, len(pshape))
+            if self.teacher.logits is not None:
+                self.t_logits = _flat_positions(self.teacher.logits, len(self.pshape))
             else:
-                assert teacher.head is not None
-                self.t_hidden = _flat_positions(teacher.head.hidden, len(pshape))
+                assert self.teacher.head is not None
+                self.t_hidden = _flat_positions(self.teacher.head.hidden, len(self.pshape))
         elif self.tkind == "topk":
-            self._prepare_topk(teacher)
+            self._prepare_topk(self.teacher)
         elif self.tkind == "token_logprobs":
-            self._prepare_tokens(teacher)
+            self._prepare_tokens(self.teacher)
 
-        # ---- chunking -------------------------------------------------------------------------------------
+    def _plan_chunks(self, chunk_size: int | None) -> None:
+        """Chunks of valid positions (a contiguous one is read as a view, no copy)."""
         if chunk_size is None:
             chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // max(self.V, 1))
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:

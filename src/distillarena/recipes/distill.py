@@ -12,12 +12,11 @@ Run folder: ``config.yaml`` (resolved), ``metrics.jsonl``, ``summary.json``, ``c
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,39 +26,35 @@ from rich.console import Console
 
 from distillarena.core.config import dump_config
 from distillarena.core.errors import UserError
-from distillarena.core.io import JsonlWriter, atomic_dir, atomic_write_json, atomic_write_text, cache_dir
+from distillarena.core.io import JsonlWriter, atomic_dir, atomic_write_json, atomic_write_text
 from distillarena.core.progress import progress as progress_bar
 from distillarena.models.fingerprint import model_fingerprint
-from distillarena.models.presets import build_preset, count_parameters, load_model, load_tokenizer
-from distillarena.models.tokenizer import task_tokenizer
-from distillarena.objectives import available_objectives, get_objective
-from distillarena.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
-from distillarena.tasks.data import Example, arithmetic_examples, collate, encode_example, load_examples
+from distillarena.models.presets import count_parameters
 from distillarena.teachers import (
-    LocalTeacher,
-    TextTeacher,
-    TopKCache,
     build_topk_cache,
-    check_tokenizers,
-    context_length,
 )
 from distillarena.train.checkpoint import latest_checkpoint
-from distillarena.train.config import DistillConfig, StageConfig
+from distillarena.train.config import DistillConfig
 from distillarena.train.distill import (
     DistillLoss,
     DistillStream,
-    Encoded,
     OnPolicy,
     Stage,
-    generator_for,
-    heldout_divergences,
-    sample_completions,
 )
 from distillarena.train.loop import LoopConfig, StepLog, train
-from distillarena.train.student import add_lora, copy_with_layers_dropped, plain_model
-from distillarena.train.teacher import model_path
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from distillarena.train.setup import (
+    build_data,
+    build_student,
+    build_teacher,
+    check_generation_fits,
+    check_regimes,
+    evaluate_student,
+    max_length_of,
+    resolve_stages,
+    seq_kd_pool,
+    training_data,
+)
+from distillarena.train.student import plain_model
 
 
 @dataclass
@@ -70,75 +65,6 @@ class DistillResult:
     @property
     def student_path(self) -> Path:
         return self.out / "student"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Config resolution and checks that need no model
-# --------------------------------------------------------------------------------------------------------------
-
-
-def resolve_stages(cfg: DistillConfig) -> list[Stage]:
-    """The schedule: one stage per ``stages`` entry (or one for the whole run), unset fields inherited."""
-    specs = cfg.stages or [StageConfig(steps=cfg.train.steps)]
-    known = available_objectives()
-    stages, first = [], 1
-    for i, sc in enumerate(specs):
-        where = f"stages[{i}]" if cfg.stages else "objective"
-        name = sc.objective or cfg.objective
-        if name not in known:
-            raise UserError(f"{where}: unknown objective {name!r}; available: {', '.join(known)}")
-        params = dict(cfg.objective_params if sc.objective_params is None else sc.objective_params)
-        spec = get_objective(name)
-        if "beta" in spec.defaults and "beta" not in params:
-            params["beta"] = sc.beta if sc.beta is not None else cfg.beta
-        try:
-            spec.resolve_params(params)
-        except UserError as e:
-            raise UserError(f"{where}: {e}") from None
-        lmbda = sc.lmbda if sc.lmbda is not None else cfg.lmbda
-        seq_kd = sc.seq_kd if sc.seq_kd is not None else cfg.seq_kd
-        stages.append(Stage(first, first + sc.steps - 1, name, params, lmbda, seq_kd))
-        first += sc.steps
-    return stages
-
-
-def _objectives_taking(kind: str) -> list[str]:
-    """Registered objectives that learn from a teacher signal of ``kind``."""
-    return [n for n in available_objectives()
-            if kind in get_objective(n).accepted_signals and get_objective(n).uses_teacher]
-
-
-def check_regimes(cfg: DistillConfig, stages: list[Stage]) -> None:
-    """Refuse a regime or objective that the teacher's access cannot feed, before any model is loaded."""
-    kind = cfg.teacher.kind
-    for i, st in enumerate(stages):
-        where = f"stage {i + 1} ({st.objective})" if len(stages) > 1 else f"objective {st.objective!r}"
-        signals = get_objective(st.objective).accepted_signals
-        if kind == "text":
-            if "none" not in signals:
-                raise UserError(f"{where} needs the teacher's log-probs ({', '.join(sorted(signals))}), but the "
-                                "teacher is text-only (teacher.text: true): use objective 'sft' (sequence KD on "
-                                "the teacher's text, optionally weighted per example), or give a teacher model")
-            if st.lmbda > 0:
-                raise UserError(f"{where}: on-policy batches (lmbda > 0) need a teacher that scores the student's "
-                                "samples; a text-only teacher cannot")
-            if st.seq_kd:
-                raise UserError(f"{where}: seq_kd needs a teacher model to generate; with a text-only teacher "
-                                "the data's completions already are the teacher's text (set seq_kd: false)")
-        if kind == "topk":
-            if "topk" not in signals:
-                raise UserError(f"{where} cannot learn from a top-k cache (it accepts: "
-                                f"{', '.join(sorted(signals - {'none'}))}): use a teacher model, or one of "
-                                f"{', '.join(_objectives_taking('topk'))}")
-            if st.lmbda > 0:
-                raise UserError(f"{where}: on-policy batches (lmbda > 0) need a live teacher to score the "
-                                "student's samples; a top-k cache only covers its own dataset")
-            if st.seq_kd:
-                raise UserError(f"{where}: with a top-k cache the data is the cache's own; build the cache with "
-                                "seq_kd: true in the cache-teacher config, and train with seq_kd: false")
-            if cfg.loss_temperature != 1.0:
-                raise UserError("a loss temperature other than 1 needs the teacher's full distribution; a top-k "
-                                "cache stores log-probs at temperature 1")
 
 
 def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
@@ -162,217 +88,6 @@ def new_run_dir(root: Path, out: Path | None) -> Path:
     from datetime import datetime
 
     return Path(root) / f"distill-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Teacher, student, data
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TeacherSetup:
-    access: Any  # LocalTeacher | TopKCache | TextTeacher: what training reads
-    model: LocalTeacher | None  # a live model, if any (seq_kd generation, held-out KL, layer copy)
-    tokenizer: Any
-    cache: TopKCache | None = None
-    description: str = ""
-
-
-def build_teacher(cfg: DistillConfig, accelerator: Accelerator, console: Console) -> TeacherSetup:
-    src = cfg.teacher
-    local = path = None
-    ref = src.model_ref()
-    if ref is not None:
-        with accelerator.main_process_first():
-            path = str(model_path(ref, console if accelerator.is_main_process else Console(quiet=True)))
-    if path is not None:
-        model = load_model(path, dtype=DTYPES[src.dtype])
-        tok = load_tokenizer(path)
-        local = LocalTeacher(model, tok, device=src.device or accelerator.device, name=path)
-    cache = None
-    if src.cache:
-        cache = TopKCache(src.cache)
-        if local is not None and model_fingerprint(local.model) != cache.teacher_id:
-            raise UserError(f"top-k cache {src.cache} was built for another teacher (or another dtype) than "
-                            f"{path}: rebuild it with `distillarena cache-teacher`, or name the right teacher")
-        if local is not None:
-            check_tokenizers(local.tokenizer, cache.tokenizer, what="top-k cache")
-    if src.kind == "text":
-        return TeacherSetup(TextTeacher(), None, None, description="text only")
-    if cache is not None:
-        return TeacherSetup(cache, local, cache.tokenizer, cache,
-                            description=f"top-k cache {src.cache} (k={cache.k})")
-    assert local is not None
-    return TeacherSetup(local, local, local.tokenizer, description=f"model {path} ({src.dtype})")
-
-
-def build_student(cfg: DistillConfig, teacher: TeacherSetup) -> tuple[torch.nn.Module, Any]:
-    sc = cfg.student
-    if sc.init == "path":
-        model, tok = load_model(sc.path), load_tokenizer(sc.path)
-    elif sc.init == "from_teacher":
-        if teacher.model is None:
-            raise UserError("student.from_teacher copies the teacher's layers: it needs a teacher model "
-                            "(teacher.teach or teacher.path)")
-        model = copy_with_layers_dropped(teacher.model.model, sc.from_teacher.keep_every)
-        tok = teacher.tokenizer
-    else:
-        tok = (load_tokenizer(sc.tokenizer) if sc.tokenizer else teacher.tokenizer if teacher.tokenizer is not None
-               else task_tokenizer())
-        model = build_preset(sc.preset, tok, seed=sc.seed)
-    model = model.to(torch.float32)
-    if teacher.tokenizer is not None:
-        check_tokenizers(tok, teacher.tokenizer, align_vocab=cfg.align_vocab)
-        vs = model.get_output_embeddings().weight.shape[0]
-        vt = teacher.model.vocab_size if teacher.model is not None else teacher.cache.vocab_size
-        if vs != vt and not cfg.align_vocab:
-            raise UserError(f"the student's output layer has {vs} rows and the teacher's {vt}: with the same "
-                            "tokenizer this is a padded vocabulary; set align_vocab: true to use the shared rows")
-    if sc.lora is not None:
-        model = add_lora(model, sc.lora.r, sc.lora.alpha, sc.lora.dropout, sc.lora.target_modules)
-    return model, tok
-
-
-def task_config(cfg: DistillConfig) -> ArithmeticConfig:
-    return cfg.data.task.arithmetic()
-
-
-@dataclass
-class DataSetup:
-    train: list[Encoded]
-    heldout: list[Encoded]
-    problems: list | None  # built-in held-out problems for accuracy
-    max_length: int
-    description: str
-    probes: dict[str, list[Encoded]] = field(default_factory=dict)  # more held-out sets (data.probes), by name
-
-
-def max_length_of(cfg: DistillConfig, *models: torch.nn.Module | None) -> int:
-    limits = [cfg.data.max_length] + [context_length(m) for m in models if m is not None]
-    limits = [x for x in limits if x]
-    return min(limits) if limits else 1 << 30
-
-
-def _encode_all(tok, exs: list[Example], max_length: int, what: str) -> list[Encoded]:
-    out = []
-    for i, e in enumerate(exs):
-        try:
-            ids, labels = encode_example(tok, e, max_length=max_length)
-        except UserError as err:
-            raise UserError(f"{what} example {i}: {err}") from None
-        out.append(Encoded(ids, labels, float(e.weight)))
-    return out
-
-
-def build_data(cfg: DistillConfig, tok, max_length: int, data_cfg=None) -> DataSetup:
-    d = data_cfg or cfg.data
-    seed = cfg.train.seed
-    problems = None
-    if d.source == "builtin":
-        acfg = d.task.arithmetic()
-        train_exs = arithmetic_examples("train", d.train_size, d.task.n_ops, seed=seed, config=acfg)
-        held = (arithmetic_examples("holdout", cfg.eval.n_examples, cfg.eval.difficulties, seed=seed, config=acfg)
-                if cfg.eval.n_examples else [])
-        if cfg.eval.n_problems:
-            problems = ArithmeticTask(acfg).problems("holdout", cfg.eval.n_problems, cfg.eval.difficulties,
-                                                     seed=seed + 1)
-        desc = f"built-in arithmetic, {d.train_size} training problems ({d.task.n_ops} operations)"
-    else:
-        if Path(d.source).is_file() and Path(d.source).stat().st_size == 0:
-            raise UserError(f"dataset {d.source!r} is empty")
-        exs = load_examples(d.source)
-        if d.eval_source:
-            held = load_examples(d.eval_source, limit=cfg.eval.n_examples) if cfg.eval.n_examples else []
-        else:
-            n_held = min(cfg.eval.n_examples, len(exs) // 10)
-            held, exs = (exs[len(exs) - n_held:], exs[:len(exs) - n_held]) if n_held else ([], exs)
-        train_exs = exs[: d.train_size]
-        desc = f"{d.source}: {len(train_exs)} training examples"
-    if not train_exs:
-        raise UserError("the training dataset is empty")
-    train_enc = _encode_all(tok, train_exs, max_length, "training")
-    held_enc = _encode_all(tok, held, max_length, "held-out")
-    if not any(lab != -100 for e in train_enc for lab in e.labels[1:]):
-        raise UserError("the training dataset has no completion tokens to learn from")
-    probes = {name: _encode_all(tok, load_examples(src, limit=cfg.eval.n_examples), max_length, f"probe {name!r}")
-              for name, src in d.probes.items()} if cfg.eval.n_examples else {}
-    return DataSetup(train_enc, held_enc, problems, max_length, desc, probes)
-
-
-def check_generation_fits(data: DataSetup, stages: list[Stage], max_new_tokens: int) -> None:
-    if not any(st.lmbda > 0 or st.seq_kd for st in stages):
-        return
-    longest = max(e.prompt_len for e in data.train)
-    if longest + max_new_tokens > data.max_length:
-        raise UserError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the models' "
-                        f"context of {data.max_length} tokens; lower max_new_tokens or shorten the prompts")
-
-
-def seq_kd_pool(teacher: LocalTeacher, pool: list[Encoded], cfg: DistillConfig, accelerator: Accelerator,
-                console: Console, batch_size: int = 64) -> tuple[list[Encoded], dict[str, Any]]:
-    """The training pool with the teacher's own completions, generated once and cached on disk (reused by every
-    run with the same teacher, prompts, sampling temperature, max_new_tokens and seed)."""
-    h = hashlib.sha256()
-    h.update(model_fingerprint(teacher.model).encode())
-    for e in pool:
-        h.update(json.dumps(e.ids[:e.prompt_len]).encode())
-    h.update(f"{cfg.max_new_tokens}:{cfg.temperature}:{cfg.train.seed}".encode())
-    key = h.hexdigest()[:16]
-    folder = cache_dir() / "seq_kd" / key
-    info: dict[str, Any] = {"path": str(folder), "reused": True}
-    with accelerator.main_process_first():
-        if not (folder / "completions.json").is_file():
-            info["reused"] = False
-            if accelerator.is_main_process:
-                tok = teacher.tokenizer
-                pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-                t0 = time.perf_counter()
-                comps: list[list[int]] = []
-                with console.status(f"seq_kd: the teacher generates {len(pool)} completions (once, cached)"):
-                    for b0 in range(0, len(pool), batch_size):
-                        part = pool[b0:b0 + batch_size]
-                        gen = generator_for(teacher.device, cfg.train.seed, "seq_kd", b0)
-                        comps += sample_completions(teacher.model, [e.ids[:e.prompt_len] for e in part],
-                                                    max_new_tokens=cfg.max_new_tokens,
-                                                    temperature=cfg.temperature, generator=gen, pad_id=pad,
-                                                    eos_id=tok.eos_token_id)
-                with atomic_dir(folder) as tmp:
-                    (tmp / "completions.json").write_text(json.dumps(comps))
-                    atomic_write_json(tmp / "info.json", {"n": len(comps), "seconds": time.perf_counter() - t0,
-                                                          "max_new_tokens": cfg.max_new_tokens,
-                                                          "temperature": cfg.temperature})
-    comps = json.loads((folder / "completions.json").read_text())
-    out = [Encoded(e.ids[:e.prompt_len] + c, [-100] * e.prompt_len + c, e.weight)
-           for e, c in zip(pool, comps, strict=True)]
-    return out, info
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------------------------
-
-
-def evaluate_student(student: torch.nn.Module, tok, teacher: TeacherSetup, data: DataSetup, cfg: DistillConfig,
-                     batch_size: int = 32) -> dict[str, Any]:
-    from distillarena.evaluate.task_eval import evaluate_problems
-
-    rec: dict[str, Any] = {}
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    if teacher.model is not None and data.heldout:
-        batches = [collate([(e.ids, e.labels) for e in data.heldout[i:i + batch_size]], pad)
-                   for i in range(0, len(data.heldout), batch_size)]
-        rec.update(heldout_divergences(student, teacher.model, batches))
-    for name, probe in (data.probes if teacher.model is not None else {}).items():
-        batches = [collate([(e.ids, e.labels) for e in probe[i:i + batch_size]], pad)
-                   for i in range(0, len(probe), batch_size)]
-        rec.update({f"{name}/{k}": v for k, v in heldout_divergences(student, teacher.model, batches).items()})
-    if data.problems:
-        was = student.training
-        ev = evaluate_problems(student, tok, data.problems, max_new_tokens=cfg.eval.max_new_tokens)
-        student.train(was)
-        rec.update(accuracy=ev.accuracy, step_validity=ev.step_validity,
-                   **{f"accuracy_{k}op": v["accuracy"] for k, v in ev.by_difficulty.items()})
-    return rec
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -407,6 +122,36 @@ def _scalars(d: dict[str, Any], prefix: str = "") -> dict[str, float | int | str
     return out
 
 
+def write_run_folder(out: Path, cfg: DistillConfig, *, resume: bool, overwrite: bool) -> None:
+    """The run folder's ``config.yaml`` (a resumed run must have the same), after clearing the outputs of an
+    overwritten run: the first thing written, once every check has passed."""
+    resolved = dump_config(cfg)
+    if resume and (out / "config.yaml").is_file():
+        if (out / "config.yaml").read_text() != resolved:
+            raise UserError(f"{out}/config.yaml differs from this config: resume with the run's own config "
+                            f"({out}/config.yaml), or start a new run")
+    if overwrite and out.exists():
+        for name in ("checkpoints", "student", "student-adapter", "metrics.jsonl", "summary.json",
+                     "tensorboard"):
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", resolved)
+
+
+def save_student(trained: torch.nn.Module, tok, out: Path, *, lora: bool) -> None:
+    """``student/`` (a plain ``save_pretrained`` folder, adapters merged) and, with LoRA, ``student-adapter/``."""
+    with atomic_dir(out / "student") as tmp:
+        plain_model(trained).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    if lora:
+        with atomic_dir(out / "student-adapter") as tmp:
+            trained.save_pretrained(tmp)
+
+
 def run_distill(cfg: DistillConfig, out: Path, *, resume: bool = False, overwrite: bool = False,
                 console: Console | None = None) -> DistillResult:
     """Distill per ``cfg`` into the run folder ``out`` (see the module docstring)."""
@@ -430,54 +175,11 @@ def run_distill(cfg: DistillConfig, out: Path, *, resume: bool = False, overwrit
 
     teacher = build_teacher(cfg, accelerator, console)
     student, tok = build_student(cfg, teacher)
-    data_cfg = None
-    if teacher.cache is not None:
-        meta = teacher.cache.manifest.get("meta", {})
-        if "data" in cfg.model_fields_set and meta.get("data_config") not in (None, cfg.data.model_dump(mode="json")):
-            raise UserError(f"top-k cache {cfg.teacher.cache} was built over other data than this config's "
-                            "`data` section; leave `data` out (the cache's data is used) or rebuild the cache")
-        if meta.get("data_config") is not None:
-            from distillarena.train.config import DataConfig
+    data, pools, seq_kd_info = training_data(cfg, teacher, student, tok, stages, accelerator, console)
 
-            data_cfg = DataConfig.model_validate(meta["data_config"])
-    max_len = max_length_of(cfg, student, teacher.model.model if teacher.model else None)
-    if teacher.cache is not None:
-        train_pool = [Encoded(ids, labels, w) for (ids, labels), w in
-                      zip(teacher.cache.examples, teacher.cache.weights, strict=True)]
-        too_long = max((len(e.ids) for e in train_pool), default=0)
-        if too_long > max_len:
-            raise UserError(f"the cache holds a sequence of {too_long} tokens, longer than the student's context "
-                            f"of {max_len}")
-        data = build_data(cfg, tok, max_len, data_cfg)
-        data.train = train_pool
-        data.description = f"the top-k cache's {len(train_pool)} examples"
-    else:
-        data = build_data(cfg, tok, max_len)
-    check_generation_fits(data, stages, cfg.max_new_tokens)
-    pools = {"data": data.train}
-    seq_kd_info = None
-    if any(st.seq_kd for st in stages):
-        if teacher.model is None:
-            raise UserError("seq_kd needs a teacher model to generate completions")
-        pools["seq_kd"], seq_kd_info = seq_kd_pool(teacher.model, data.train, cfg, accelerator, console)
-
-    # --- the run folder: only now is anything written into it
-    resolved = dump_config(cfg)
+    # the run folder: only now is anything written into it
     if main:
-        if resume and (out / "config.yaml").is_file():
-            if (out / "config.yaml").read_text() != resolved:
-                raise UserError(f"{out}/config.yaml differs from this config: resume with the run's own config "
-                                f"({out}/config.yaml), or start a new run")
-        if overwrite and out.exists():
-            for name in ("checkpoints", "student", "student-adapter", "metrics.jsonl", "summary.json",
-                         "tensorboard"):
-                p = out / name
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", resolved)
+        write_run_folder(out, cfg, resume=resume, overwrite=overwrite)
     accelerator.wait_for_everyone()
     resuming_from = latest_checkpoint(out / "checkpoints") if resume else None
     if main and resume:
@@ -556,12 +258,7 @@ def run_distill(cfg: DistillConfig, out: Path, *, resume: bool = False, overwrit
     final = evaluate(loop.steps, trained)
     summary: dict[str, Any] = {}
     if main:
-        with atomic_dir(out / "student") as tmp:
-            plain_model(trained).save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        if cfg.student.lora is not None:
-            with atomic_dir(out / "student-adapter") as tmp:
-                trained.save_pretrained(tmp)
+        save_student(trained, tok, out, lora=cfg.student.lora is not None)
         summary = {
             "student": str(out / "student"), "teacher": teacher.description, "data": data.description,
             "stages": [{"first": s.first, "last": s.last, "objective": s.objective, "params": s.params,
