@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distillarena.decoding import SampleResult, sample
+from distillarena.models.tokenizer import left_padding
 from distillarena.tasks.arithmetic import ArithmeticTask, Problem
 from distillarena.tasks.base import Task, TaskProblem
 from distillarena.tasks.data import collate, encode_example, problem_example
@@ -46,16 +47,12 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     texts: list[str] = []
     results: list[SampleResult] = []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
+    with left_padding(tokenizer):
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
             res = sample_fn(enc["input_ids"], enc["attention_mask"])
             texts.extend(res.texts(tokenizer))
             results.append(res)
-    finally:
-        tokenizer.padding_side = side
     return texts, results
 
 

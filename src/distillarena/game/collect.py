@@ -36,7 +36,8 @@ from distillarena.core.io import atomic_dir, atomic_write_json, read_jsonl
 from distillarena.decoding import sample
 from distillarena.defenses.spec import DEFENSES
 from distillarena.game.config import DefenseConfig, GameConfig, PromptsConfig, TracesConfig
-from distillarena.game.traces import batch_seed, holdout_gradient, run_traces
+from distillarena.game.traces import batch_seed, holdout_gradient, run_traces, trace_record
+from distillarena.models.tokenizer import left_padding
 from distillarena.tasks.base import Task
 from distillarena.train.teacher import model_path, model_task, resolve_model
 
@@ -64,9 +65,7 @@ def force_answers(teacher: torch.nn.Module, tok, records: list[dict[str, Any]], 
     for r in records:
         r["forced"] = False
         r["forced_completion"] = r["completion"]
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
+    with left_padding(tok):
         for i in range(0, len(todo), batch_size):
             chunk = todo[i : i + batch_size]
             heads = [r["completion"] + ("" if not r["completion"] or r["completion"].endswith("\n") else "\n")
@@ -78,8 +77,6 @@ def force_answers(teacher: torch.nn.Module, tok, records: list[dict[str, Any]], 
             for r, h, tail in zip(chunk, heads, res.texts(tok), strict=True):
                 r["forced"] = True
                 r["forced_completion"] = h + tail.split("\n")[0]
-    finally:
-        tok.padding_side = side
 
 
 def collect(cfg: GameConfig, defense: DefenseConfig, seed: int, folder: Path, console: Console) -> dict[str, Any]:
@@ -211,22 +208,20 @@ def api_traces(cfg: GameConfig, defense: DefenseConfig, seed: int, out: Path, co
             raise UserError(f"{where} answered {len(answer['choices'])} completions for {len(idx)} prompts")
         for i, ch in zip(idx, answer["choices"], strict=True):
             p, text = problems[i], ch["text"]
-            rec: dict[str, Any] = {"index": i, "prompt": p.prompt, "completion": text, "answer": p.answer,
-                                   "n_ops": p.difficulty, "correct": task.check(p, text),
-                                   "step_validity": task.step_validity(text)}
             if api.token_ids:
-                rec["tokens"] = [_token_id(t) for t in ch["tokens"]]
-                rec["logprobs"] = [_revealed(v) for v in ch["token_logprobs"]]
+                tokens = [_token_id(t) for t in ch["tokens"]]
+                logprobs = [_revealed(v) for v in ch["token_logprobs"]]
             else:  # text only: the tokens as the local tokenizer reads the text (and the EOS it stopped on)
-                rec["tokens"] = tok(text, add_special_tokens=False)["input_ids"] + \
+                tokens = tok(text, add_special_tokens=False)["input_ids"] + \
                     (sorted(eos) if ch["finish_reason"] == "stop" and None not in eos else [])
-                rec["logprobs"] = None
-            rec.update(teacher_logprobs=None, kl_to_undefended=None, defense=defense.kind,
-                       params=dict(defense.params), seed=seed, batch=b, teacher=where)
+                logprobs = None
+            top = None
             if api.token_ids and cfg.reveal.top_k:
-                rec["top_ids"] = [[_token_id(t) for t, _ in row] for row in ch["top_logprobs"]]
-                rec["top_logprobs"] = [[_revealed(v) for _, v in row] for row in ch["top_logprobs"]]
-            records.append(rec)
+                top = ([[_token_id(t) for t, _ in row] for row in ch["top_logprobs"]],
+                       [[_revealed(v) for _, v in row] for row in ch["top_logprobs"]])
+            records.append(trace_record(i, p, task, text, tokens, logprobs, None, None, top=top,
+                                        defense=defense.kind, params=dict(defense.params), seed=seed, batch=b,
+                                        teacher=where))
     with open(out, "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in records))
     accuracy = sum(r["correct"] for r in records) / max(len(records), 1)

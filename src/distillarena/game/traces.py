@@ -22,7 +22,8 @@ from distillarena.defenses.reveal import RevealTopK
 from distillarena.defenses.spec import DEFENSES
 from distillarena.game.config import DefenseConfig, TracesConfig
 from distillarena.models.fingerprint import model_fingerprint
-from distillarena.tasks.base import Task
+from distillarena.models.tokenizer import left_padding
+from distillarena.tasks.base import Task, TaskProblem
 from distillarena.tasks.data import collate, encode_example, problem_example
 from distillarena.train.teacher import model_task, resolve_model
 
@@ -52,6 +53,23 @@ def build_defense(cfg: DefenseConfig, teacher: torch.nn.Module, tokenizer, task:
                         proxy_tokenizer=proxy_tok, gradient=gradient)
 
 
+def trace_record(index: int, problem: TaskProblem, task: Task, completion: str, tokens: list[int],
+                 logprobs: list[float] | None, teacher_logprobs: list[float] | None, kl_to_undefended: float | None,
+                 *, top: tuple[list, list] | None, defense: str, params: dict[str, Any], seed: int, batch: int,
+                 teacher: str) -> dict[str, Any]:
+    """One line of a traces file, sampled in process or collected over HTTP (what an API cannot reveal is None):
+    the problem and how the task scores the completion, the sampled tokens and their log-probs, where it came from,
+    and the revealed top-k rows (ids, log-probs) if any."""
+    rec = {"index": index, "prompt": problem.prompt, "completion": completion, "answer": problem.answer,
+           "n_ops": problem.difficulty, "correct": task.check(problem, completion),
+           "step_validity": task.step_validity(completion), "tokens": tokens, "logprobs": logprobs,
+           "teacher_logprobs": teacher_logprobs, "kl_to_undefended": kl_to_undefended, "defense": defense,
+           "params": params, "seed": seed, "batch": batch, "teacher": teacher}
+    if top is not None:
+        rec["top_ids"], rec["top_logprobs"] = top
+    return rec
+
+
 def batch_seed(seed: int, batch: int) -> int:
     """The generator seed of batch ``batch`` (shared with the game's collection over HTTP, which sends it)."""
     return seed * 1_000_003 + batch
@@ -71,10 +89,9 @@ def run_traces(cfg: TracesConfig, out: Path, console: Console | None = None) -> 
     done = {r["index"] for r in read_jsonl(out)} if out.exists() else set()
     if done:
         console.print(f"resuming: {len(done)} of {len(problems)} traces already in {out}")
-    tok.padding_side = "left"
     n_new = n_tokens = 0
     t0 = time.perf_counter()
-    with JsonlWriter(out) as writer:
+    with JsonlWriter(out) as writer, left_padding(tok):
         for b, start in enumerate(range(0, len(problems), cfg.batch_size)):
             idx = list(range(start, min(start + cfg.batch_size, len(problems))))
             if all(i in done for i in idx):
@@ -90,23 +107,16 @@ def run_traces(cfg: TracesConfig, out: Path, console: Console | None = None) -> 
                     continue
                 n = int(res.lengths[row])
                 p = problems[i]
-                rec = {
-                    "index": i, "prompt": p.prompt, "completion": texts[row], "answer": p.answer,
-                    "n_ops": p.difficulty, "correct": task.check(p, texts[row]),
-                    "step_validity": task.step_validity(texts[row]),
-                    "tokens": res.tokens[row, :n].tolist(),
-                    "logprobs": res.logprobs[row, :n].tolist(),
-                    "teacher_logprobs": res.teacher_logprobs[row, :n].tolist(),
-                    "kl_to_undefended": float(res.kl[row, :n].sum()) / max(n, 1),
-                    "defense": policy.kind, "params": policy.params, "seed": cfg.seed, "batch": b,
-                    "teacher": str(teacher_path),
-                }
+                top = None
                 if res.top_ids is not None:
-                    rec["top_ids"] = res.top_ids[row, :n].tolist()
-                    top = res.top_logprobs[row, :n].tolist()
+                    top_lps = res.top_logprobs[row, :n].tolist()
                     if cfg.reveal.decimals is not None:  # float32 -> float64 would show 1.2300000190734863
-                        top = [[round(v, cfg.reveal.decimals) for v in r] for r in top]
-                    rec["top_logprobs"] = top
+                        top_lps = [[round(v, cfg.reveal.decimals) for v in r] for r in top_lps]
+                    top = (res.top_ids[row, :n].tolist(), top_lps)
+                rec = trace_record(i, p, task, texts[row], res.tokens[row, :n].tolist(),
+                                   res.logprobs[row, :n].tolist(), res.teacher_logprobs[row, :n].tolist(),
+                                   float(res.kl[row, :n].sum()) / max(n, 1), top=top, defense=policy.kind,
+                                   params=policy.params, seed=cfg.seed, batch=b, teacher=str(teacher_path))
                 writer.write(rec)
                 n_new += 1
                 n_tokens += n

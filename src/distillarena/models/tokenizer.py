@@ -9,6 +9,7 @@ under a second; the result is cached on disk by the hash of its recipe.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -89,3 +90,15 @@ def task_tokenizer() -> PreTrainedTokenizerFast:
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, path: str | Path) -> None:
     tokenizer.save_pretrained(str(path))
+
+
+@contextlib.contextmanager
+def left_padding(tokenizer):
+    """Pad on the left while the block runs (batched generation needs every prompt to end at the last column),
+    then restore the tokenizer's own side."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.padding_side = side
