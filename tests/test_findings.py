@@ -1,97 +1,104 @@
-"""The demo's findings: each verdict follows from the numbers, on hand-made game rows and distillation runs."""
+"""The demo's findings: each verdict follows from its interval, on hand-made game rows and distillation runs with
+known answers (a clear effect gives yes or no, an effect straddling zero gives inconclusive)."""
 
-import math
+import zlib
 
+import numpy as np
 import pytest
 
 from distillarena.report.findings import adaptive_gap, compute_findings, defense_cost, hpd_entropy, matched_utility
 
+P = 600  # test problems
 
-def row(defense, params, attacker_kind, seed, recovery, **kw):
+
+def outcomes(p: float, seed: int, n: int = P) -> str:
+    x = np.random.default_rng(seed).random(n) < p
+    return "".join("1" if v else "0" for v in x)
+
+
+def row(defense, params, attacker_kind, seed, p, **kw):
     label = f"{defense}({', '.join(f'{k}={v}' for k, v in params.items())})" if params else defense
-    # base student 0.4, undefended reference 0.5: R = (acc - 0.4) / 0.1
-    acc = 0.4 + 0.1 * recovery if math.isfinite(recovery) else 0.4
+    stream = zlib.crc32(f"{label}{attacker_kind}{seed}{p}".encode())
     return {"defense": defense, "params": params, "defense_label": label, "attacker": attacker_kind,
-            "attacker_kind": attacker_kind, "seed": seed, "recovery": recovery, "student_accuracy": acc,
-            "base_accuracy": 0.4, **kw}
+            "attacker_kind": attacker_kind, "seed": seed, "student_correct": outcomes(p, stream),
+            "undefended_reference": defense == "none", **kw}
 
 
-def test_adaptive_gap_is_paired_by_seed_and_skips_the_undefended_reference():
-    rows = [row("none", {}, "passive", 0, 1.0), row("none", {}, "adaptive", 0, 1.0),
-            row("poe", {"gamma": 0.7}, "passive", 0, 0.2), row("poe", {"gamma": 0.7}, "adaptive", 0, 0.5),
-            row("poe", {"gamma": 0.7}, "passive", 1, 0.4), row("poe", {"gamma": 0.7}, "adaptive", 1, 0.5)]
-    f = adaptive_gap(rows)
-    assert f["verdict"] == "yes"
-    assert f["gap_mean"] == pytest.approx(0.2)  # (0.3 + 0.1) / 2
-    assert f["gap_std"] == pytest.approx(math.sqrt(0.02))
-    rows.append(row("temperature", {"temperature": 2.0}, "passive", 0, 0.6))
-    rows.append(row("temperature", {"temperature": 2.0}, "adaptive", 0, 0.1))
-    assert adaptive_gap(rows)["verdict"] == "mixed"
+def test_adaptive_gap_yes_no_and_inconclusive():
+    clear = [row("none", {}, "passive", s, 0.7) for s in (0, 1)] + \
+            [row("poe", {"gamma": 0.7}, "passive", s, 0.4) for s in (0, 1)] + \
+            [row("poe", {"gamma": 0.7}, "adaptive", s, 0.6) for s in (0, 1)]
+    f = adaptive_gap(clear)
+    assert f["verdict"] == "yes" and f["ci_low"] > 0.1 and f["n"] == 2 * P
+    assert f["effect"] == pytest.approx(0.2, abs=0.05)
+    worse = [r for r in clear if r["attacker"] != "adaptive"] + \
+            [row("poe", {"gamma": 0.7}, "adaptive", s, 0.2) for s in (0, 1)]
+    assert adaptive_gap(worse)["verdict"] == "no"
+    tie = [r for r in clear if r["attacker"] != "adaptive"] + \
+          [row("poe", {"gamma": 0.7}, "adaptive", s, 0.4) for s in (0, 1)]
+    f = adaptive_gap(tie)
+    assert f["verdict"] == "inconclusive" and f["ci_low"] < 0 < f["ci_high"]
 
 
-def test_adaptive_gap_falls_back_to_accuracy_when_recovery_is_undefined():
-    nan = float("nan")
-    # the adaptive student loses accuracy on the undefended traces (0.35 < base 0.4): its R is undefined
-    rows = [row("none", {}, "passive", 0, 1.0), row("none", {}, "adaptive", 0, nan, student_accuracy=0.35),
-            row("poe", {"gamma": 0.7}, "passive", 0, 0.5), row("poe", {"gamma": 0.7}, "adaptive", 0, nan,
-                                                                 student_accuracy=0.3)]
-    f = adaptive_gap(rows)
-    assert f["verdict"] == "no (by accuracy; R undefined)"
-    assert "adaptive gains -0.050" in f["evidence"] and "student accuracy -0.15" in f["evidence"]
+def test_adaptive_gap_without_outcomes_is_not_measured():
+    rows = [row("poe", {"gamma": 0.7}, k, 0, 0.5) for k in ("passive", "adaptive")]
+    for r in rows:
+        del r["student_correct"]
+    assert adaptive_gap(rows)["verdict"] == "not measured"
 
 
-def summ(defense, params, attacker, teacher_accuracy, recovery, **kw):
-    r = row(defense, params, attacker, 0, recovery, teacher_accuracy=teacher_accuracy, seeds=[0, 1, 2], **kw)
-    del r["seed"]
-    return r
+def test_matched_utility_interpolates_the_temperature_curve_on_outcomes():
+    # temperature curve: undefended (teacher 0.9, student 0.7), t1.5 (0.5, 0.5), t2.0 (0.3, 0.3)
+    base = [row("none", {}, "passive", 0, 0.7, teacher_accuracy=0.9),
+            row("temperature", {"temperature": 1.5}, "passive", 0, 0.5, teacher_accuracy=0.5),
+            row("temperature", {"temperature": 2.0}, "passive", 0, 0.3, teacher_accuracy=0.3)]
+    # PoE at teacher accuracy 0.4: the temperature curve gives about 0.4 there
+    f = matched_utility(base + [row("poe", {"gamma": 0.7}, "passive", 0, 0.1, teacher_accuracy=0.4)])
+    assert f["verdict"] == "yes" and f["effect"] == pytest.approx(-0.3, abs=0.06)
+    f = matched_utility(base + [row("poe", {"gamma": 0.7}, "passive", 0, 0.8, teacher_accuracy=0.4)])
+    assert f["verdict"] == "no"
+    f = matched_utility(base + [row("poe", {"gamma": 0.7}, "passive", 0, 0.4, teacher_accuracy=0.95)])
+    assert f["verdict"] == "not measured" and "outside" in f["evidence"]
 
 
-def test_matched_utility_interpolates_the_temperature_curve():
-    # temperature: (0.9, R=1 undefended), (0.5, R=0.6), (0.3, R=0.2); PoE at accuracy 0.4 -> temperature R 0.4
-    rows = [summ("none", {}, "passive", 0.9, 1.0), summ("temperature", {"temperature": 1.5}, "passive", 0.5, 0.6),
-            summ("temperature", {"temperature": 2.0}, "passive", 0.3, 0.2),
-            summ("poe", {"gamma": 0.7}, "passive", 0.4, 0.1)]
-    f = matched_utility(rows)
-    assert f["verdict"] == "yes"
-    assert f["mean_difference"] == pytest.approx(0.1 - 0.4)
-    rows[-1]["recovery"] = 0.55
-    assert matched_utility(rows)["verdict"] == "no"
-    rows[-1]["teacher_accuracy"] = 0.95  # above the undefended teacher: no matched point
-    f = matched_utility(rows)
-    assert f["verdict"].startswith("undefined") and "outside" in f["evidence"]
+def test_defense_cost_needs_cheaper_and_higher_step_validity():
+    def trace_sv(mean, seed):
+        return list(np.clip(np.random.default_rng(seed).normal(mean, 0.1, 512), 0, 1))
+
+    poe = row("poe", {"gamma": 0.7}, "passive", 0, 0.5, proxy_forwards_per_token=1, teacher_tokens_per_s=1000,
+              trace_step_validity=trace_sv(0.9, 1))
+    ads = row("antidistillation", {"lam": 1.0}, "passive", 0, 0.5, proxy_forwards_per_token=2,
+              teacher_tokens_per_s=400, trace_step_validity=trace_sv(0.7, 2))
+    f = defense_cost([poe, ads])
+    assert f["verdict"] == "yes" and f["effect"] == pytest.approx(0.2, abs=0.03)
+    ads["trace_step_validity"] = trace_sv(0.95, 3)
+    assert defense_cost([poe, ads])["verdict"] == "no"
+    ads["trace_step_validity"] = trace_sv(0.9, 4)
+    assert defense_cost([poe, ads])["verdict"] == "inconclusive"
+    assert defense_cost([poe])["verdict"] == "not measured"
 
 
-def test_defense_cost_compares_every_poe_strength_with_every_antidistillation_one():
-    cost = dict(proxy_forwards_per_token=1, offline_s=0.0)
-    rows = [summ("poe", {"gamma": 0.7}, "passive", 0.5, 0.5, teacher_tokens_per_s=1000, teacher_step_validity=0.9,
-                 **cost),
-            summ("antidistillation", {"lam": 1.0}, "passive", 0.5, 0.5, teacher_tokens_per_s=400,
-                 teacher_step_validity=0.7, proxy_forwards_per_token=2, offline_s=3.0)]
-    assert defense_cost(rows)["verdict"] == "yes"
-    rows[1]["teacher_step_validity"] = 0.95
-    assert defense_cost(rows)["verdict"] == "no"
-    assert defense_cost(rows[:1])["verdict"] == "not measured"
+def run(objective, seed, p, first_entropy):
+    return {"objective": objective, "seed": seed, "final": {"accuracy": p, "correct": outcomes(p, seed * 31 + len(
+        objective))}, "entropy": {"first_multi": list(first_entropy)}}
 
 
-def run(objective, seed, accuracy, first_step_entropy, student_entropy):
-    return {"objective": objective, "seed": seed, "first_step_entropy": first_step_entropy,
-            "final": {"accuracy": accuracy, "student_entropy": student_entropy, "teacher_entropy": 0.3}}
-
-
-def test_hpd_entropy_verdict_has_three_parts():
-    runs = [run("hpd", 0, 0.6, 0.40, 0.28), run("hpd", 1, 0.5, 0.36, 0.30),
-            run("sft", 0, 0.5, 0.10, 0.15), run("sft", 1, 0.5, 0.12, 0.14), run("seqkd", 0, 0.54, 0.3, 0.2)]
-    f = hpd_entropy(runs, teacher_first_step=0.42, teacher_entropy=0.3)
-    assert f["verdict"] == "yes", f["evidence"]
-    runs.append(run("seqkd", 1, 0.9, 0.3, 0.2))  # the best baseline now beats HPD on average
-    f = hpd_entropy(runs, teacher_first_step=0.42, teacher_entropy=0.3)
-    assert f["verdict"] == "mixed"
-    assert f["parts"]["HPD at least as accurate as the best baseline"] is False
-    assert "best baseline seqkd" in f["evidence"]
+def test_hpd_entropy_combines_accuracy_and_entropy_parts():
+    rng = np.random.default_rng(0)
+    teacher = rng.uniform(0.3, 0.5, 64)
+    near, far = teacher + rng.normal(0, 0.02, 64), teacher * 0.2
+    runs = [run("hpd", 0, 0.8, near), run("sft", 0, 0.5, far), run("seqkd", 0, 0.5, far)]
+    f = hpd_entropy(runs, list(teacher))
+    assert f["verdict"] == "yes" and f["parts"] == {"accuracy": "yes", "entropy": "yes"}, f["evidence"]
+    runs = [run("hpd", 0, 0.3, near), run("sft", 0, 0.5, far), run("seqkd", 0, 0.5, far)]
+    f = hpd_entropy(runs, list(teacher))
+    assert f["verdict"] == "no" and f["parts"]["accuracy"] == "no"
+    runs = [run("hpd", 0, 0.5, near), run("sft", 0, 0.5, far)]
+    assert hpd_entropy(runs, list(teacher))["parts"]["accuracy"] == "inconclusive"
 
 
 def test_compute_findings_marks_skipped_parts_not_measured():
-    fs = compute_findings(None, 0.4, 0.3, None, None)
+    fs = compute_findings(None, None, None)
     assert [f["number"] for f in fs] == [1, 2, 3, 4]
-    assert all(f["verdict"] == "not measured" for f in fs)
+    assert all(f["verdict"] == "not measured" and f["effect"] is None for f in fs)
     assert all(f["question"] for f in fs)

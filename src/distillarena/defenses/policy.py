@@ -60,7 +60,7 @@ def build_policy(kind: str, params: dict[str, Any] | None = None, *, teacher: to
         proc = ProductOfExpertsProcessor(proxy, params.get("gamma", 0.5), teacher=teacher,
                                          teacher_tokenizer=tokenizer, proxy_tokenizer=proxy_tokenizer,
                                          pad_token_id=pad)
-        return DecodingPolicy(kind, params, [proc], temperature=temperature)
+        return DecodingPolicy(kind, params, [proc], temperature=temperature, top_p=params.get("top_p"))
     if kind == "antidistillation":
         if gradient is None:
             raise UserError("defense 'antidistillation' needs the proxy's holdout gradient "
@@ -71,7 +71,7 @@ def build_policy(kind: str, params: dict[str, Any] | None = None, *, teacher: to
             normalize=params.get("normalize", "unit"), teacher=teacher, teacher_tokenizer=tokenizer,
             proxy_tokenizer=proxy_tokenizer, pad_token_id=pad,
         )
-        # the processor divides by its own temperature; the sampler's stays at 1
-        return DecodingPolicy(kind, params, [proc], temperature=1.0)
+        # the processor divides by its own temperature; the sampler's stays at 1 (top-p then cuts its output)
+        return DecodingPolicy(kind, params, [proc], temperature=1.0, top_p=params.get("top_p"))
     return DecodingPolicy(kind, params, [], temperature=temperature, top_k=params.get("top_k"),
                           top_p=params.get("top_p"))

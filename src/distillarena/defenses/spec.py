@@ -14,6 +14,9 @@ kind                what is sampled (``z`` = teacher logits)
 ``antidistillation`` softmax(z / temperature + lam * b), b from the proxy's cached holdout gradient
 ==================  =========================================================================================
 
+Every kind also takes ``top_p`` (nucleus truncation of what it samples), so a defense can be played at the
+teacher's own decoding.
+
 Adding a defense: a parameters model and one :class:`DefenseSpec` entry here, and its processor in
 ``build_policy`` (see ``docs/architecture.md``).
 """
@@ -37,11 +40,13 @@ Number = Annotated[float, BeforeValidator(_finite_number)]
 
 
 class DefenseParams(BaseModel):
-    """Parameters every kind takes: the sampling temperature applied with the defense."""
+    """Parameters every kind takes: the sampling temperature and nucleus (top-p) truncation applied with the
+    defense (the teacher's own decoding, e.g. the papers' temperature 0.6 and top-p 0.95)."""
 
     model_config = ConfigDict(extra="forbid")
 
     temperature: Number = 1.0
+    top_p: Number | None = None
 
     @field_validator("temperature")
     @classmethod
@@ -50,23 +55,22 @@ class DefenseParams(BaseModel):
             raise ValueError(f"must be > 0, got {v:g}")
         return v
 
+    @field_validator("top_p")
+    @classmethod
+    def _p(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 < v <= 1.0:
+            raise ValueError(f"must be in (0, 1], got {v:g}")
+        return v
+
 
 class TruncationParams(DefenseParams):
     top_k: Number | None = None
-    top_p: Number | None = None
 
     @field_validator("top_k")
     @classmethod
     def _k(cls, v: float | None) -> float | None:
         if v is not None and (v < 1 or int(v) != v):
             raise ValueError(f"must be an integer >= 1, got {v:g}")
-        return v
-
-    @field_validator("top_p")
-    @classmethod
-    def _p(cls, v: float | None) -> float | None:
-        if v is not None and not 0.0 < v <= 1.0:
-            raise ValueError(f"must be in (0, 1], got {v:g}")
         return v
 
 

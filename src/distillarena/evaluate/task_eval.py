@@ -25,6 +25,12 @@ class TaskEval:
     samples: list[dict] = field(default_factory=list)
     kl_to_undefended: float = 0.0
     tokens_per_s: float = 0.0
+    correct: list[bool] = field(default_factory=list)  # per problem, in the order given: paired comparisons
+
+    @property
+    def outcomes(self) -> str:
+        """The per-problem outcomes as a compact string of 0/1 (stored in run folders for paired intervals)."""
+        return "".join("1" if c else "0" for c in self.correct)
 
     def as_dict(self) -> dict:
         return {"accuracy": self.accuracy, "step_validity": self.step_validity, "n": self.n,
@@ -72,8 +78,11 @@ def evaluate_problems(model, tokenizer, problems: list[TaskProblem], max_new_tok
     n_tokens = sum(r.num_tokens for r in results)
     kl = sum(float(r.kl.sum()) for r in results) / max(n_tokens, 1)
     per: dict[int, list[tuple[bool, float]]] = defaultdict(list)
+    correct = []
     for p, c in zip(problems, completions, strict=True):
-        per[p.difficulty].append((task.check(p, c), task.step_validity(c) or 0.0))
+        ok = task.check(p, c)
+        correct.append(ok)
+        per[p.difficulty].append((ok, task.step_validity(c) or 0.0))
     allr = [r for rs in per.values() for r in rs]
     by = {k: {"accuracy": sum(a for a, _ in rs) / len(rs), "step_validity": sum(s for _, s in rs) / len(rs),
               "n": len(rs)} for k, rs in sorted(per.items())}
@@ -83,7 +92,7 @@ def evaluate_problems(model, tokenizer, problems: list[TaskProblem], max_new_tok
         accuracy=sum(a for a, _ in allr) / len(allr),
         step_validity=sum(s for _, s in allr) / len(allr),
         n=len(allr), by_difficulty=by, samples=samples, kl_to_undefended=kl,
-        tokens_per_s=n_tokens / max(seconds, 1e-9),
+        tokens_per_s=n_tokens / max(seconds, 1e-9), correct=correct,
     )
 
 
@@ -94,9 +103,12 @@ def per_position_entropy(model, tokenizer, problems: list[Problem], batch_size: 
     reference solutions, separately for problems with one valid step order and with several.
 
     A multi-modal teacher shows entropy spikes where the step order is chosen; a collapsed student does not.
+    ``first_multi`` holds, per problem with several orders (in order), the entropy at the first completion position
+    (where the first step is chosen), for paired intervals.
     """
     sums = {"single": torch.zeros(max_positions), "multi": torch.zeros(max_positions)}
     counts = {"single": torch.zeros(max_positions), "multi": torch.zeros(max_positions)}
+    first: list[float] = []  # per problem with several orders: the entropy where the first step is chosen
     model.eval()
     for i in range(0, len(problems), batch_size):
         chunk = problems[i : i + batch_size]
@@ -111,5 +123,9 @@ def per_position_entropy(model, tokenizer, problems: list[Problem], batch_size: 
             key = "multi" if len(p.step_orders) > 1 else "single"
             sums[key][: len(e)] += e
             counts[key][: len(e)] += 1
-    return {k: [float(s / c) if c > 0 else float("nan") for s, c in zip(sums[k], counts[k], strict=True)]
-            for k in sums}
+            if key == "multi" and len(e):
+                first.append(float(e[0]))
+    out = {k: [float(s / c) if c > 0 else float("nan") for s, c in zip(sums[k], counts[k], strict=True)]
+           for k in sums}
+    out["first_multi"] = first
+    return out

@@ -49,7 +49,8 @@ def traces_config(cfg: GameConfig, defense: DefenseConfig, seed: int) -> TracesC
     return TracesConfig(teacher=cfg.teacher, defense=defense,
                         prompts=PromptsConfig(split="train", n=cfg.budget, n_ops=cfg.prompts.n_ops,
                                               seed=cfg.prompts.seed),
-                        reveal=cfg.reveal, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=seed)
+                        reveal=cfg.reveal, decoding=cfg.decoding, max_new_tokens=cfg.max_new_tokens,
+                        batch_size=cfg.batch_size, seed=seed)
 
 
 def game_task(cfg: GameConfig) -> Task:
@@ -116,6 +117,9 @@ def collect(cfg: GameConfig, defense: DefenseConfig, seed: int, folder: Path, co
         "proxy_forwards_per_token": DEFENSES[defense.kind].proxy_forwards_per_token(defense.params),
         "offline_s": offline_s,
         "answer_forcing": cfg.answer_forcing,
+        # per trace, in prompt order (the same prompts for every defense of a seed): paired teacher-utility intervals
+        "trace_correct": "".join("1" if r["correct"] else "0" for r in records),
+        "trace_step_validity": [round(float(r["step_validity"]), 4) for r in records],
     }
     if cfg.api is not None:
         meta["teacher_api"] = f"{cfg.api.model} at {cfg.api.base_url}"
@@ -170,7 +174,7 @@ def api_traces(cfg: GameConfig, defense: DefenseConfig, seed: int, out: Path, co
 
     api = cfg.api
     assert api is not None
-    key = api.key_for(defense)
+    key = api.key_for(defense.kind, cfg.decoding.under(defense.params))
     tok = teacher_tokenizer(cfg, console)
     task = game_task(cfg)
     problems = task.problems("train", cfg.budget, cfg.prompts.n_ops, seed=cfg.prompts.seed)

@@ -39,6 +39,28 @@ class DefenseConfig(Strict):
         return defense_label(self.kind, self.params)
 
 
+class DecodingConfig(Strict):
+    """The teacher's own decoding, under every defense: each defense's parameters are laid over it (a temperature
+    defense replaces the temperature, PoE samples its mixture at this temperature and top-p). The papers' teacher
+    samples at temperature 0.6 with top-p 0.95."""
+
+    temperature: float = Field(1.0, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+
+    def params(self) -> dict[str, float]:
+        """As defense parameters; settings at their no-op value are left out (labels and cache keys stay short)."""
+        out: dict[str, float] = {}
+        if self.temperature != 1.0:
+            out["temperature"] = self.temperature
+        if self.top_p is not None and self.top_p < 1.0:
+            out["top_p"] = self.top_p
+        return out
+
+    def under(self, defense_params: dict[str, float | int | str]) -> dict[str, float | int | str]:
+        """The parameters a defense samples with: this decoding, overridden by the defense's own."""
+        return {**self.params(), **defense_params}
+
+
 class RevealConfig(Strict):
     """What the traces keep of the teacher's distribution, as an API would reveal it."""
 
@@ -61,6 +83,8 @@ class TracesConfig(Strict):
     defense: DefenseConfig = Field(default_factory=DefenseConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     reveal: RevealConfig = Field(default_factory=RevealConfig)
+    decoding: DecodingConfig = Field(default_factory=DecodingConfig, description="the teacher's decoding under "
+                                     "the defense (the defense's parameters override it)")
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(32, ge=1)
     seed: int = 0
@@ -217,8 +241,10 @@ class GameAPIKey(Strict):
             raise UserError(f"environment variable {self.key_env} (the API key of defense {self.defense}) is not set")
         return value
 
-    def serves(self, d: DefenseConfig) -> bool:
-        return self.defense == d.kind and _same_params(self.params, d.params)
+    def serves(self, kind: str, params: dict) -> bool:
+        """True when this key's declared policy is ``kind`` with exactly ``params`` (the cell's defense laid over
+        the game's decoding)."""
+        return self.defense == kind and _same_params(self.params, params)
 
 
 class GameAPI(Strict):
@@ -249,12 +275,12 @@ class GameAPI(Strict):
     max_retries: int = Field(8, ge=0, description="retries of a request on 429 / 5xx / connection errors")
     timeout: float = Field(600.0, gt=0, description="seconds per request")
 
-    def key_for(self, d: DefenseConfig) -> GameAPIKey:
+    def key_for(self, kind: str, params: dict) -> GameAPIKey:
         for k in self.keys:
-            if k.serves(d):
+            if k.serves(kind, params):
                 return k
-        params = ", ".join(f"{k}={v}" for k, v in sorted(d.params.items()))
-        raise UserError(f"api.keys has no key for defense {d.kind}({params}): add one whose policy applies it")
+        raise UserError(f"api.keys has no key for defense {defense_label(kind, params)}: add one whose policy "
+                        "applies it")
 
 
 class GameConfig(Strict):
@@ -276,6 +302,9 @@ class GameConfig(Strict):
     prompts: GamePrompts = Field(default_factory=GamePrompts)
     holdout: int = Field(128, ge=1, description="the attacker's clean holdout examples (reference solutions)")
     reveal: RevealConfig = Field(default_factory=RevealConfig)
+    decoding: DecodingConfig = Field(default_factory=lambda: DecodingConfig(temperature=0.7, top_p=0.95),
+                                     description="the teacher's decoding under every defense (paper-like); a "
+                                     "defense's own parameters override it")
     answer_forcing: bool = Field(False, description="the undefended teacher completes a missing Answer line "
                                                     "(flatters the defense; as in the reference code)")
     max_new_tokens: int = Field(64, ge=1)
@@ -306,8 +335,8 @@ class GameConfig(Strict):
             if self.reveal.top_k is not None and not self.api.token_ids:
                 raise ValueError("reveal.top_k over the API needs the sampled token ids: set api.token_ids")
             wanted = [DefenseConfig()] + [d.at(p) for d in self.defenses for p in d.strengths]
-            missing = sorted({f"{d.kind}{d.params or ''}" for d in wanted
-                              if not any(k.serves(d) for k in self.api.keys)})
+            missing = sorted({defense_label(d.kind, self.decoding.under(d.params)) for d in wanted
+                              if not any(k.serves(d.kind, self.decoding.under(d.params)) for k in self.api.keys)})
             if missing:
                 raise ValueError(f"api.keys has no key for the defenses {', '.join(missing)} (the undefended "
                                  "reference cells need a key of defense none): add a key whose policy applies each")

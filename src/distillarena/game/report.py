@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import numpy as np
 
 from distillarena.game.collect import load_traces
 from distillarena.game.config import GameConfig
@@ -34,13 +35,14 @@ def frontier_figure(summary: list[dict[str, Any]], attackers: list[str]):
                 continue
             passive = pts[0]["attacker_kind"] == "passive"
             ax.errorbar([r["recovery"] for r in pts], [r["teacher_accuracy"] for r in pts],
-                        xerr=[r["recovery_std"] for r in pts], yerr=[r["teacher_accuracy_std"] for r in pts],
+                        xerr=np.array([_recovery_err(r) for r in pts]).T,
+                        yerr=[r["teacher_accuracy_std"] if r["teacher_accuracy_n"] > 1 else 0 for r in pts],
                         color=color, marker=MARKERS[ai % len(MARKERS)], linestyle="--" if passive else "-",
                         capsize=3, label=f"{kind} / {att}")
     ax.axvline(1.0, color="#999", lw=0.8)
     ax.set(xlabel="student capability recovery R (1 = as much as from the undefended teacher)",
            ylabel="teacher utility (accuracy of its answers to the queries)",
-           title="the distillation game's frontier (mean ± std over seeds)")
+           title="the distillation game's frontier (R with its 95% interval)")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="best")
@@ -48,6 +50,30 @@ def frontier_figure(summary: list[dict[str, Any]], attackers: list[str]):
         ax.text(0.5, 0.5, "no finite recovery yet: the undefended references gain nothing over the base student",
                 ha="center", va="center", transform=ax.transAxes, fontsize=8, wrap=True)
     return fig
+
+
+def _recovery_err(r: dict[str, Any]) -> tuple[float, float]:
+    """Distances from R to its bootstrap interval's ends (the seeds' std where no interval was stored)."""
+    ci = r.get("recovery_ci") or {}
+    if finite(ci.get("ci_low")) and finite(ci.get("ci_high")):
+        return max(r["recovery"] - ci["ci_low"], 0.0), max(ci["ci_high"] - r["recovery"], 0.0)
+    s = r.get("recovery_std") if finite(r.get("recovery_std")) else 0.0
+    return s, s
+
+
+def _interval(d: dict[str, Any] | None, digits: int = 3) -> str:
+    if not d or not finite(d.get("mean")):
+        return "–"
+    return f"{d['mean']:+.{digits}f} [{d['ci_low']:+.{digits}f}, {d['ci_high']:+.{digits}f}]"
+
+
+def _recovery_cell(s: dict[str, Any]) -> str:
+    ci = s.get("recovery_ci")
+    if ci is None:
+        return f"{s['recovery']:.2f}" if finite(s.get("recovery")) else "–"
+    if ci.get("unstable"):
+        return "unstable"
+    return f"{ci['mean']:.2f} [{ci['ci_low']:.2f}, {ci['ci_high']:.2f}]"
 
 
 def cost_figure(summary_rows: list[dict[str, Any]]):
@@ -126,18 +152,29 @@ def add_game_sections(r: Report, cfg: GameConfig, out: Path, rows: list[dict[str
                "flatters the defense (forced accuracy is reported separately).", note=True)
     attackers = [a.label for a in cfg.attackers]
     r.heading("Frontier: teacher utility against student recovery")
+    unstable = sorted({f"{s['defense_label']} / {s['attacker']}" for s in summary_rows
+                       if s.get("recovery_unstable")})
     r.figure(frontier_figure(summary_rows, attackers),
              "One colour per defense (its strengths along the curve, the undefended teacher at R = 1); passive "
-             "students dashed, adaptive solid; error bars: std over seeds.")
-    r.heading("Summary (means over seeds)")
-    r.table(["defense", "attacker", "teacher acc", "teacher KL", "student acc", "R", "R std", "value/oracle rho"],
+             "students dashed, adaptive solid. R is the ratio of the mean accuracy gains over the base student "
+             "(defended over the same attacker's undefended gain, one shared denominator over the seeds); horizontal "
+             "bars: its paired bootstrap 95% interval over test problems and seeds; vertical bars: std of the "
+             "teacher's accuracy over seeds."
+             + (f" Not drawn (R unstable: the undefended gain's interval reaches below 0.05): {', '.join(unstable)}."
+                if unstable else ""))
+    r.heading("Summary")
+    r.text("Gains are student accuracy minus the base student's, paired by test problem (and seed), with 95% "
+           "bootstrap intervals; the undefended gain is the denominator of R.", note=True)
+    r.table(["defense", "attacker", "teacher acc", "teacher KL", "student acc", "gain [95% CI]",
+             "undefended gain [95% CI]", "R [95% CI]", "value/oracle rho"],
             [[s["defense_label"], s["attacker"], s["teacher_accuracy"], s["teacher_kl"], s["student_accuracy"],
-              s["recovery"], s["recovery_std"], s["oracle_spearman"]] for s in summary_rows])
+              _interval(s.get("gain")), _interval(s.get("undefended_gain")), _recovery_cell(s),
+              s["oracle_spearman"]] for s in summary_rows])
     if summary["gaps"]:
         r.heading("Passive / adaptive gap")
-        r.table(["defense", "attacker", "R(attacker) - R(passive)", "accuracy gap"],
-                [[g["defense_label"], g["attacker"], g["recovery_gap"], g["accuracy_gap"]]
-                 for g in summary["gaps"]])
+        r.table(["defense", "attacker", "accuracy gap (attacker - passive) [95% CI]", "R(attacker) - R(passive)"],
+                [[g["defense_label"], g["attacker"], _interval(g.get("accuracy_gap_ci")) if g.get("accuracy_gap_ci")
+                  else g["accuracy_gap"], g["recovery_gap"]] for g in summary["gaps"]])
     r.heading("Cost of each defense")
     r.figure(cost_figure(summary_rows), "Teacher sampling throughput on this machine, proxy forward passes per "
                                         "generated token, and offline time (the antidistillation holdout gradient).")

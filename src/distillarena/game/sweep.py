@@ -43,7 +43,8 @@ from distillarena.game.attack import encode_traces, plan_attack, train_student
 from distillarena.game.collect import collect, game_task, load_traces
 from distillarena.game.config import AttackerConfig, DefenseConfig, GameConfig
 from distillarena.game.keys import UNDEFENDED, base_key, cell_key, digest, traces_key, world_of
-from distillarena.game.metrics import aggregate, gaps, recovery
+from distillarena.game.metrics import RECOVERY_FLOOR, aggregate, gap_intervals, gaps, intervals, recovery
+from distillarena.report.stats import finite
 from distillarena.tasks.data import encode_example, problem_example
 from distillarena.train.teacher import resolve_model
 
@@ -132,7 +133,7 @@ class Game:
         model, tok, where = self.student()
         ev = evaluate_problems(model, tok, self.test, max_new_tokens=self.cfg.eval.max_new_tokens, task=self.task)
         info = {"student": where, "accuracy": ev.accuracy, "step_validity": ev.step_validity,
-                "by_difficulty": {str(k): v for k, v in ev.by_difficulty.items()},
+                "by_difficulty": {str(k): v for k, v in ev.by_difficulty.items()}, "correct": ev.outcomes,
                 "entropy": per_position_entropy(model, tok, self.entropy_problems) if self.entropy_problems
                 else None}
         atomic_write_json(path, info)
@@ -169,6 +170,7 @@ class Game:
             "attacker": a.label, "attacker_kind": a.kind, "attacker_config": a.model_dump(mode="json"),
             "seed": c.seed, "budget": self.cfg.budget, "traces_key": tfolder.name, "base_key": base_key(self.cfg),
             "student_accuracy": ev.accuracy, "student_step_validity": ev.step_validity,
+            "student_correct": ev.outcomes,
             "student_by_difficulty": {str(k): v for k, v in ev.by_difficulty.items()},
             "student_entropy": entropy, "train_s": train_s, "cell_s": time.perf_counter() - t0,
             "n_trained": len(plan.keep), **{k: v for k, v in meta.items() if k not in ("defense", "params", "seed")},
@@ -247,6 +249,9 @@ def table(cfg: GameConfig, out: Path) -> list[dict[str, Any]]:
         if r["undefended_reference"]:
             refs[(r["attacker"], r["seed"])] = r["student_accuracy"]
         rows.append(r)
+    per_cell = intervals([{**r, "defense_label": f"{r['defense_label']}#{r['seed']}"} for r in rows]
+                         + [{**r, "defense_label": f"ref#{r['seed']}"} for r in rows if r["undefended_reference"]],
+                         base.get("correct"))
     for r in rows:
         r["base_accuracy"] = base["accuracy"]
         ref = refs.get((r["attacker"], r["seed"]))
@@ -255,6 +260,13 @@ def table(cfg: GameConfig, out: Path) -> list[dict[str, Any]]:
             r["recovery"], r["recovery_note"] = float("nan"), "the undefended reference cell is missing"
         else:
             r["recovery"], r["recovery_note"] = recovery(r["student_accuracy"], base["accuracy"], ref)
+        ratio = per_cell.get((f"{r['defense_label']}#{r['seed']}", r["attacker"]), {}).get("recovery")
+        if ratio is not None:
+            r["recovery_ci"] = ratio.as_dict()
+            if ratio.unstable and finite(r["recovery"]):
+                r["recovery"], r["recovery_note"] = float("nan"), (
+                    f"unstable: the undefended gain {ratio.denominator.format(3)} reaches below "
+                    f"{RECOVERY_FLOOR} (one seed)")
     return rows
 
 
@@ -276,9 +288,27 @@ def rebuild(out: Path, cfg: GameConfig, console: Console | None = None, report: 
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
     atomic_write_text(out / "results.csv", buf.getvalue())
+    base = json.loads((out / "base" / f"{base_key(cfg)}.json").read_text())
     summ = aggregate(rows)
-    summary = {"cells": len(rows), "rows": json_safe(summ), "gaps": json_safe(gaps(summ)),
-               "base": json.loads((out / "base" / f"{base_key(cfg)}.json").read_text())}
+    ivs = intervals(rows, base.get("correct"))
+    undefended_gain: dict[str, Any] = {}
+    for s in summ:
+        iv = ivs.get((s["defense_label"], s["attacker"]), {})
+        s["gain"] = iv["gain"].as_dict() if "gain" in iv else None
+        s["undefended_gain"] = iv["undefended_gain"].as_dict() if "undefended_gain" in iv else None
+        if "recovery" in iv:  # R as a ratio of means over the seeds' shared denominator, not a mean of ratios
+            s["recovery_ci"] = iv["recovery"].as_dict()
+            s["recovery"] = iv["recovery"].as_dict()["mean"]
+            s["recovery_unstable"] = iv["recovery"].unstable
+        if s["undefended_gain"] is not None:
+            undefended_gain[s["attacker"]] = s["undefended_gain"]
+    gap_rows = gaps(summ)
+    gap_ivs = gap_intervals(rows)
+    for g in gap_rows:
+        iv = gap_ivs.get((g["defense_label"], g["attacker"]))
+        g["accuracy_gap_ci"] = iv.as_dict() if iv is not None else None
+    summary = {"cells": len(rows), "rows": json_safe(summ), "gaps": json_safe(gap_rows),
+               "undefended_gain": json_safe(undefended_gain), "decoding": cfg.decoding.params(), "base": base}
     atomic_write_json(out / "summary.json", summary)
     if report:
         from distillarena.game.report import write_report

@@ -20,7 +20,7 @@ from distillarena.defenses.antidistillation import compute_proxy_gradient, load_
 from distillarena.defenses.policy import DecodingPolicy, build_policy
 from distillarena.defenses.reveal import RevealTopK
 from distillarena.defenses.spec import DEFENSES
-from distillarena.game.config import DefenseConfig, TracesConfig
+from distillarena.game.config import DecodingConfig, DefenseConfig, TracesConfig
 from distillarena.models.fingerprint import model_fingerprint
 from distillarena.models.tokenizer import left_padding
 from distillarena.tasks.base import Task, TaskProblem
@@ -42,14 +42,16 @@ def holdout_gradient(proxy: torch.nn.Module, tokenizer, n_traces: int, task: Tas
 
 
 def build_defense(cfg: DefenseConfig, teacher: torch.nn.Module, tokenizer, task: Task,
-                  console: Console) -> DecodingPolicy:
+                  console: Console, decoding: DecodingConfig | None = None) -> DecodingPolicy:
+    """The defense's sampling policy, its parameters laid over the teacher's ``decoding``."""
     proxy = proxy_tok = gradient = None
     spec = DEFENSES[cfg.kind]
     if spec.needs_proxy:
         proxy, proxy_tok, _ = resolve_model(cfg.proxy, console)
         if spec.needs_gradient:
             gradient = holdout_gradient(proxy, proxy_tok, cfg.holdout_traces, task, console)
-    return build_policy(cfg.kind, cfg.params, teacher=teacher, tokenizer=tokenizer, proxy=proxy,
+    params = decoding.under(cfg.params) if decoding is not None else cfg.params
+    return build_policy(cfg.kind, params, teacher=teacher, tokenizer=tokenizer, proxy=proxy,
                         proxy_tokenizer=proxy_tok, gradient=gradient)
 
 
@@ -80,7 +82,7 @@ def run_traces(cfg: TracesConfig, out: Path, console: Console | None = None) -> 
     out = Path(out)
     teacher, tok, teacher_path = resolve_model(cfg.teacher, console)
     task = model_task(cfg.teacher)
-    policy = build_defense(cfg.defense, teacher, tok, task, console)
+    policy = build_defense(cfg.defense, teacher, tok, task, console, cfg.decoding)
     reveal = RevealTopK(cfg.reveal.top_k, decimals=cfg.reveal.decimals, noise_std=cfg.reveal.noise_std,
                         seed=cfg.seed) if cfg.reveal.top_k else None
     problems = task.problems(cfg.prompts.split, cfg.prompts.n, cfg.prompts.n_ops, seed=cfg.prompts.seed)
@@ -116,18 +118,19 @@ def run_traces(cfg: TracesConfig, out: Path, console: Console | None = None) -> 
                 rec = trace_record(i, p, task, texts[row], res.tokens[row, :n].tolist(),
                                    res.logprobs[row, :n].tolist(), res.teacher_logprobs[row, :n].tolist(),
                                    float(res.kl[row, :n].sum()) / max(n, 1), top=top, defense=policy.kind,
-                                   params=policy.params, seed=cfg.seed, batch=b, teacher=str(teacher_path))
+                                   params=dict(cfg.defense.params), seed=cfg.seed, batch=b,
+                                   teacher=str(teacher_path))
                 writer.write(rec)
                 n_new += 1
                 n_tokens += n
     seconds = time.perf_counter() - t0
     records = read_jsonl(out)
     summary = {
-        "traces": len(records), "new": n_new, "defense": policy.label,
+        "traces": len(records), "new": n_new, "defense": cfg.defense.label, "decoding": cfg.decoding.params(),
         "accuracy": sum(r["correct"] for r in records) / max(len(records), 1),
         "kl_to_undefended": sum(r["kl_to_undefended"] for r in records) / max(len(records), 1),
         "tokens_per_s": n_tokens / seconds if n_new else None,
     }
-    console.print(f"[green]{len(records)} traces[/] in {out} ({n_new} new): defense {policy.label}, "
+    console.print(f"[green]{len(records)} traces[/] in {out} ({n_new} new): defense {cfg.defense.label}, "
                   f"accuracy {summary['accuracy']:.1%}, mean KL to undefended {summary['kl_to_undefended']:.3f}")
     return summary

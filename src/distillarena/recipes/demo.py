@@ -91,15 +91,12 @@ def run_demo(cfg: DemoConfig, out: Path, console: Console | None = None) -> Path
     p0 = phase_done("teacher_eval", p0)
 
     distill_runs: list[dict[str, Any]] = []
-    teacher_heldout_entropy = float("nan")
     if cfg.distill is not None:
         console.rule("[bold]3. Distillation: HPD against the baselines")
         distill_runs = run_distillations(cfg, out / "distill", probe, console)
         for run in distill_runs:
             for rec in run["curve"]:
                 metrics.write({"phase": "distill_eval", "objective": run["objective"], "seed": run["seed"], **rec})
-        teacher_heldout_entropy = next((r["final"]["teacher_entropy"] for r in distill_runs
-                                        if "teacher_entropy" in r["final"]), float("nan"))
         p0 = phase_done("distill", p0)
 
     game_rows = game_summary = None
@@ -114,8 +111,7 @@ def run_demo(cfg: DemoConfig, out: Path, console: Console | None = None) -> Path
         p0 = phase_done("game", p0)
 
     console.rule("[bold]5. Findings and report")
-    findings = compute_findings(distill_runs, entropy["multi"][0], teacher_heldout_entropy, game_rows,
-                                game_summary["rows"] if game_summary else None)
+    findings = compute_findings(distill_runs, entropy.get("first_multi"), game_rows)
     for f in findings:
         console.print(f"  {f['number']}. [bold]{f['verdict']}[/]: {f['evidence']}", highlight=False)
     metrics.close()
@@ -201,11 +197,15 @@ def build_report(cfg: DemoConfig, teacher: TeacherResult, ev, entropy, distill_r
            "distills it into a small student with HPD and four baselines, and plays the distillation game against "
            "its defenses.")
     r.heading("Findings")
-    r.table(["#", "question", "verdict", "seeds", "evidence"],
-            [[f["number"], f["question"], f["verdict"], ", ".join(map(str, f["seeds"])) or "-", f["evidence"]]
+    r.table(["#", "question", "verdict", "effect [95% interval] (n)", "seeds", "evidence"],
+            [[f["number"], f["question"], f["verdict"],
+              (f"{f['effect']:+.3f} [{f['ci_low']:+.3f}, {f['ci_high']:+.3f}] (n={f['n']}): {f['effect_name']}"
+               if f["effect"] is not None else "–"),
+              ", ".join(map(str, f["seeds"])) or "–", f["evidence"]]
              for f in findings])
-    r.text("Computed from this run's numbers by distillarena.report.findings; with one seed they are anecdotes "
-           "(examples/findings.yaml runs three).", note=True)
+    r.text("Computed from this run's numbers by distillarena.report.findings. A verdict is yes or no only when the "
+           "paired bootstrap 95% interval of its effect (over the shared test problems and the seeds) lies on one "
+           "side of zero; otherwise it is inconclusive. examples/findings.yaml runs three seeds.", note=True)
 
     r.heading("Teacher")
     info = teacher.info

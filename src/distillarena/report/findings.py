@@ -1,14 +1,22 @@
 """The demo's four findings, computed from its distillation runs and its game, whatever they show.
 
-1. Do adaptive students recover at least as much as passive ones on defended traces, and by how much?
-2. At matched teacher utility, does PoE hold students back more than a temperature increase?
-3. Does PoE cost less per token than antidistillation sampling, and keep a higher step validity?
-4. Does HPD's student keep an entropy near the teacher's while SFT on the same data collapses, and does HPD end at
-   least as accurate as the best baseline?
+Each finding is decided by an interval, never by the sign of a mean: its headline effect comes with a paired 95%
+bootstrap interval over the shared test problems and the seeds (:mod:`distillarena.report.stats`), and the verdict
+is ``yes`` or ``no`` only when that interval lies wholly on one side of zero, ``inconclusive`` otherwise (and
+``not measured`` when the run lacks what the question needs). A finding is a dict: ``number``, ``question``,
+``verdict``, ``effect`` / ``ci_low`` / ``ci_high`` / ``n`` (the headline effect; ``effect_name`` says what it is),
+``evidence`` (one line, the numbers behind it) and ``seeds``.
 
-Each finding is a dict: ``question``, ``verdict`` (``yes``, ``no``, ``mixed``, or ``not measured`` / ``undefined``
-with the reason), ``evidence`` (one line of numbers) and ``seeds``. Means are over seeds; ``±`` is the sample
-standard deviation over seeds (0 with one seed).
+1. Do adaptive students learn more from defended traces than passive ones? Effect: adaptive minus passive student
+   accuracy, paired by seed and problem, over every defended setting.
+2. At matched teacher utility, does PoE hold students back more than a temperature increase? Effect: the student's
+   accuracy under PoE minus its accuracy under temperature interpolated to PoE's teacher accuracy.
+3. Does PoE cost less per token than antidistillation sampling and keep a higher step validity? Cost: proxy forwards
+   per generated token (structural) and measured throughput; effect: PoE minus antidistillation step validity of the
+   teacher's traces, paired by prompt and seed.
+4. Does HPD end at least as accurate as the best baseline, with the student's entropy at the step-order choice nearer
+   the teacher's than SFT's? Effect: HPD minus the best baseline's accuracy, paired by problem and seed; the entropy
+   part has its own interval.
 """
 
 from __future__ import annotations
@@ -16,211 +24,243 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from distillarena.report.stats import finite, mean_std
+import numpy as np
+
+from distillarena.report.stats import Interval, bootstrap_mean, finite, mean_std, paired_difference, verdict
 
 QUESTIONS = {
-    1: "Adaptive students recover at least as much as passive ones on defended traces; how large is the gap?",
+    1: "Do adaptive students learn more from defended traces than passive ones?",
     2: "At matched teacher utility, does PoE hold students back more than a temperature increase?",
-    3: "PoE costs less per token than antidistillation sampling and keeps higher step validity.",
-    4: "HPD's student keeps an entropy near the teacher's while SFT on the same data collapses, and HPD ends at "
-       "least as accurate as the best baseline.",
+    3: "Does PoE cost less per token than antidistillation sampling and keep a higher step validity?",
+    4: "Does HPD end at least as accurate as the best baseline, with its entropy at the step-order choice nearer the "
+       "teacher's than SFT's?",
 }
-COLLAPSE_RATIO = 0.5  # a student "collapses" at the step-order choice below half the teacher's entropy there
 
 
 def format_mean_std(m: float, s: float, n: int = 2, digits: int = 2) -> str:
-    """``mean ± std``; the mean alone from one seed (a std of one value says nothing)."""
+    """``mean ± std`` over seeds; the mean alone from one seed (a std of one value says nothing)."""
     if not finite(m):
         return "n/a"
     return f"{m:.{digits}f}" if n < 2 else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-_pm = format_mean_std
-
-
-def _verdict(flags: list[bool]) -> str:
-    if not flags:
-        return "undefined"
-    return "yes" if all(flags) else "no" if not any(flags) else "mixed"
+def _outcomes(s: str | None) -> np.ndarray | None:
+    return None if not s else np.frombuffer(s.encode(), dtype=np.uint8).astype(np.float64) - ord("0")
 
 
 def _defended(r: dict[str, Any]) -> bool:
-    return not (r["defense"] == "none" and not r["params"])
+    return not r.get("undefended_reference", r["defense"] == "none" and not r["params"])
 
 
-def adaptive_gap(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Finding 1: R(adaptive) - R(passive), paired by seed, per defended setting; and the student accuracy gap,
-    which is defined even when R is not (R is undefined when an attacker gains nothing from undefended traces)."""
-    by: dict[tuple[str, int], dict[str, dict[str, Any]]] = defaultdict(dict)
-    refs: dict[tuple[str, int], dict[str, Any]] = {}
-    for r in rows:
-        if _defended(r):
-            by[(r["defense_label"], r["seed"])][r["attacker"]] = r
-        else:
-            refs[(r["attacker"], r["seed"])] = r
-    r_gaps: dict[str, list[float]] = defaultdict(list)
-    acc_gaps: dict[str, list[float]] = defaultdict(list)
-    for (label, _), atts in by.items():
-        passive = next((x for x in atts.values() if x["attacker_kind"] == "passive"), None)
-        adaptive = [x for x in atts.values() if x["attacker_kind"] == "adaptive"]
-        for a in adaptive if passive is not None else []:
-            name = label if len(adaptive) == 1 else f"{label} / {a['attacker']}"
-            acc_gaps[name].append(a["student_accuracy"] - passive["student_accuracy"])
-            if finite(a["recovery"]) and finite(passive["recovery"]):
-                r_gaps[name].append(a["recovery"] - passive["recovery"])
-    seeds = sorted({r["seed"] for r in rows})
-    if not acc_gaps:
-        return {"verdict": "not measured", "seeds": seeds,
-                "evidence": "needs a passive and an adaptive attacker on a defended setting"}
-    parts, flags = [], []
-    for name in sorted(acc_gaps):
-        am, as_, an = mean_std(acc_gaps[name])
-        text = f"{name}: student accuracy {_pm(am, as_, an)}"
-        if r_gaps.get(name):
-            m, s, n = mean_std(r_gaps[name])
-            flags.append(m >= 0)
-            text += f", R {_pm(m, s, n)} (n={n})"
-        else:
-            text += ", R undefined"
-        parts.append(text)
-    out: dict[str, Any] = {"seeds": seeds}
-    if flags:
-        allm, alls, alln = mean_std([g for gs in r_gaps.values() for g in gs])
-        out.update(verdict=_verdict(flags), gap_mean=allm, gap_std=alls)
-        lead = f"R(adaptive) - R(passive), paired by seed, all settings {_pm(allm, alls, alln)} (n={alln}); "
-    else:
-        # no recovery to compare: say why, and judge by the accuracy the students reach on the same traces
-        acc_flags = [mean_std(g)[0] >= 0 for g in acc_gaps.values()]
-        out["verdict"] = f"{_verdict(acc_flags)} (by accuracy; R undefined)"
-        undefined = sorted({f"{a} gains {r['student_accuracy'] - r['base_accuracy']:+.3f}"
-                            for (a, _), r in refs.items() if "base_accuracy" in r})
-        lead = ("R is undefined where an attacker's student gains nothing from the undefended teacher's traces "
-                f"(accuracy over the base student: {', '.join(undefined)}); ")
-    out["evidence"] = lead + "adaptive minus passive: " + "; ".join(parts)
+def _result(effect: Interval | None, effect_name: str, answer: str, evidence: str, seeds: list[int],
+            **extra: Any) -> dict[str, Any]:
+    out = {"verdict": answer, "effect_name": effect_name, "evidence": evidence, "seeds": seeds,
+           "effect": None, "ci_low": None, "ci_high": None, "n": 0, **extra}
+    if effect is not None:
+        out.update(effect=effect.mean, ci_low=effect.ci_low, ci_high=effect.ci_high, n=effect.n)
     return out
 
 
-def _interpolate(curve: list[tuple[float, float]], x: float) -> float | None:
-    """Linear interpolation of y at x along ``curve`` ((x, y) points, any order); None outside its x range."""
-    pts = sorted(curve)
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return pts[0][1] if len(pts) == 1 and pts[0][0] == x else None
+def _not_measured(why: str, seeds: list[int] | None = None) -> dict[str, Any]:
+    return _result(None, "", "not measured", why, seeds or [])
 
 
-def matched_utility(summary_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Finding 2: at each PoE strength's teacher accuracy, PoE's recovery against the temperature curve's
-    (interpolated linearly in teacher accuracy, the undefended teacher at R = 1 included), per attacker."""
-    ref = {r["attacker"]: r for r in summary_rows if r["defense"] == "none" and not r["params"]}
-    parts, flags, diffs = [], [], []
-    for att, undef in sorted(ref.items()):
-        temp = [(r["teacher_accuracy"], r["recovery"]) for r in summary_rows
-                if r["defense"] == "temperature" and r["attacker"] == att and finite(r["recovery"])]
-        poe = [r for r in summary_rows if r["defense"] == "poe" and r["attacker"] == att and finite(r["recovery"])]
-        if not temp or not poe:
-            continue
-        curve = temp + [(undef["teacher_accuracy"], 1.0)]
-        for r in poe:
-            rt = _interpolate(curve, r["teacher_accuracy"])
-            if rt is None:
-                lo, hi = min(x for x, _ in curve), max(x for x, _ in curve)
-                parts.append(f"{att}, {r['defense_label']}: teacher accuracy {r['teacher_accuracy']:.2f} outside the "
-                             f"temperature curve's [{lo:.2f}, {hi:.2f}]")
+def _stack(rows: list[dict[str, Any]], seeds: list[int], key: str = "student_correct") -> np.ndarray | None:
+    by = {r["seed"]: r.get(key) for r in rows}
+    arrs = [_outcomes(by.get(s)) if isinstance(by.get(s), str) else
+            (np.asarray(by[s], dtype=np.float64) if by.get(s) is not None else None) for s in seeds]
+    if not arrs or any(a is None for a in arrs):
+        return None
+    return np.stack(arrs)
+
+
+def adaptive_gap(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Finding 1: adaptive minus passive student accuracy on the defended settings, paired by seed and problem."""
+    seeds_all = sorted({r["seed"] for r in rows})
+    groups: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    kinds = {}
+    for r in rows:
+        if _defended(r):
+            groups[r["defense_label"]][r["attacker"]].append(r)
+            kinds[r["attacker"]] = r["attacker_kind"]
+    diffs, parts = [], []
+    for label, by_att in sorted(groups.items()):
+        passive = next((a for a in by_att if kinds[a] == "passive"), None)
+        for a, rs in sorted(by_att.items()):
+            if passive is None or kinds[a] != "adaptive":
                 continue
-            d = r["recovery"] - rt
+            seeds = sorted({r["seed"] for r in rs} & {r["seed"] for r in by_att[passive]})
+            x, y = _stack(rs, seeds), _stack(by_att[passive], seeds)
+            if x is None or y is None:
+                continue
+            diffs.append(x - y)
+            parts.append(f"{label} / {a}: {paired_difference(x, y).format(3)}")
+    if not diffs:
+        return _not_measured("needs a passive and an adaptive attacker on a defended setting, with per-problem "
+                             "outcomes", seeds_all)
+    shapes = {d.shape for d in diffs}
+    if len(shapes) != 1:
+        return _not_measured("the settings were played with different seeds; compare them one by one: "
+                             + "; ".join(parts), seeds_all)
+    effect = bootstrap_mean(np.stack(diffs, axis=1))  # [seeds, settings, problems]
+    return _result(effect, "adaptive minus passive student accuracy (all defended settings)", verdict(effect),
+                   f"all settings {effect.format(3)}; per setting: " + "; ".join(parts), seeds_all)
+
+
+def _bracket(points: list[tuple[float, Any]], x: float) -> tuple[Any, Any, float] | None:
+    """The two points whose x brackets ``x`` and the weight of the second (linear interpolation); None outside."""
+    pts = sorted(points, key=lambda p: p[0])
+    for (x0, a), (x1, b) in zip(pts, pts[1:], strict=False):
+        if x0 <= x <= x1:
+            return a, b, (0.0 if x1 == x0 else (x - x0) / (x1 - x0))
+    if len(pts) == 1 and pts[0][0] == x:
+        return pts[0][1], pts[0][1], 0.0
+    return None
+
+
+def matched_utility(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Finding 2: per attacker and PoE strength, the student's accuracy under PoE minus its accuracy under a
+    temperature increase of the same teacher accuracy (linear interpolation between the two temperature settings,
+    or the undefended teacher, that bracket it), paired by seed and problem. Negative: PoE holds students back
+    more. (Teacher accuracy is itself measured on the traces; its noise is not in the interval.)"""
+    seeds_all = sorted({r["seed"] for r in rows})
+    by: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by[(r["attacker"], r["defense_label"])].append(r)
+    diffs, parts = [], []
+    for att in sorted({r["attacker"] for r in rows}):
+        cells = {label: rs for (a, label), rs in by.items() if a == att}
+        temp = [rs for rs in cells.values() if rs[0]["defense"] == "temperature" or not _defended(rs[0])]
+        poe = [rs for rs in cells.values() if rs[0]["defense"] == "poe"]
+        for prs in poe:
+            seeds = sorted(set.intersection(*[{r["seed"] for r in rs} for rs in temp + [prs]])) if temp else []
+            if not seeds:
+                continue
+            curve = [(mean_std([r["teacher_accuracy"] for r in rs])[0], rs) for rs in temp]
+            x_poe = mean_std([r["teacher_accuracy"] for r in prs])[0]
+            br = _bracket(curve, x_poe)
+            if br is None:
+                lo, hi = min(c[0] for c in curve), max(c[0] for c in curve)
+                parts.append(f"{att}, {prs[0]['defense_label']}: teacher accuracy {x_poe:.3f} outside the "
+                             f"temperature curve's [{lo:.3f}, {hi:.3f}]")
+                continue
+            a, b, w = br
+            xa, xb, xp = _stack(a, seeds), _stack(b, seeds), _stack(prs, seeds)
+            if xa is None or xb is None or xp is None:
+                continue
+            d = xp - ((1 - w) * xa + w * xb)
             diffs.append(d)
-            flags.append(d < 0)
-            parts.append(f"{att}, {r['defense_label']} at teacher accuracy {r['teacher_accuracy']:.2f}: "
-                         f"R {r['recovery']:.2f} vs temperature {rt:.2f} ({d:+.2f})")
-    seeds = sorted({s for r in summary_rows for s in r.get("seeds", [])})
-    if not parts:
-        return {"verdict": "not measured", "seeds": seeds,
-                "evidence": "the game needs temperature and poe defenses with finite recoveries"}
-    verdict = (_verdict(flags) if flags
-               else "undefined (no PoE point at a teacher accuracy the temperature curve covers)")
-    return {"verdict": verdict, "seeds": seeds, "evidence": "; ".join(parts),
-            "mean_difference": sum(diffs) / len(diffs) if diffs else float("nan")}
+            parts.append(f"{att}, {prs[0]['defense_label']} at teacher accuracy {x_poe:.3f}: "
+                         f"{bootstrap_mean(d).format(3)}")
+    if not diffs:
+        why = "; ".join(parts) if parts else "the game needs temperature and poe defenses with per-problem outcomes"
+        return _not_measured(why, seeds_all)
+    if len({d.shape for d in diffs}) != 1:
+        return _not_measured("settings with different seeds: " + "; ".join(parts), seeds_all)
+    effect = bootstrap_mean(np.stack(diffs, axis=1))
+    return _result(effect, "student accuracy under PoE minus under temperature at the same teacher accuracy",
+                   verdict(effect, yes_when="negative"), f"pooled {effect.format(3)}; " + "; ".join(parts), seeds_all)
 
 
-def defense_cost(summary_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Finding 3: teacher tokens/s and step validity of every PoE strength against every antidistillation one
-    (each strength's numbers are means over its cells)."""
-    def per_setting(kind: str) -> dict[str, dict[str, float]]:
-        out: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for r in summary_rows:
-            if r["defense"] == kind:
-                out[r["defense_label"]].append(r)
-        return {k: {m: mean_std([x[m] for x in rs])[0] for m in
-                    ("teacher_tokens_per_s", "teacher_step_validity", "proxy_forwards_per_token", "offline_s")}
-                for k, rs in out.items()}
-
-    poe, ads = per_setting("poe"), per_setting("antidistillation")
-    seeds = sorted({s for r in summary_rows for s in r.get("seeds", [])})
+def defense_cost(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Finding 3: proxy forwards per token and measured throughput of each PoE against each antidistillation
+    setting, and the difference of their traces' step validity, paired by prompt and seed."""
+    seeds_all = sorted({r["seed"] for r in rows})
+    by: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["defense"] in ("poe", "antidistillation"):
+            by[r["defense_label"]].append(r)
+    poe = {k: v for k, v in by.items() if v[0]["defense"] == "poe"}
+    ads = {k: v for k, v in by.items() if v[0]["defense"] == "antidistillation"}
     if not poe or not ads:
-        return {"verdict": "not measured", "seeds": seeds,
-                "evidence": "needs both a poe and an antidistillation defense in the game (examples/findings.yaml "
-                            "has both)"}
-    flags, parts = [], []
-    for pl, p in poe.items():
-        for al, a in ads.items():
-            faster = p["teacher_tokens_per_s"] > a["teacher_tokens_per_s"]
-            valid = p["teacher_step_validity"] > a["teacher_step_validity"]
-            flags.append(faster and valid)
-            parts.append(f"{pl} vs {al}: {p['teacher_tokens_per_s']:.0f} vs {a['teacher_tokens_per_s']:.0f} "
-                         f"tokens/s, step validity {p['teacher_step_validity']:.2f} vs "
-                         f"{a['teacher_step_validity']:.2f}")
-    p0, a0 = next(iter(poe.values())), next(iter(ads.values()))
-    parts.append(f"proxy forwards per token {p0['proxy_forwards_per_token']:.0f} vs "
-                 f"{a0['proxy_forwards_per_token']:.0f}; offline {p0['offline_s']:.0f} s vs {a0['offline_s']:.0f} s")
-    return {"verdict": _verdict(flags), "seeds": seeds, "evidence": "; ".join(parts)}
+        return _not_measured("needs both a poe and an antidistillation defense in the game (examples/findings.yaml "
+                             "has both)", seeds_all)
+
+    def one_per_seed(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:  # traces are shared by the attackers
+        return list({r["seed"]: r for r in rs}.values())
+
+    diffs, parts, cheaper = [], [], []
+    for pl, prs in sorted(poe.items()):
+        for al, ars in sorted(ads.items()):
+            prs1, ars1 = one_per_seed(prs), one_per_seed(ars)
+            seeds = sorted({r["seed"] for r in prs1} & {r["seed"] for r in ars1})
+            fp = mean_std([r["proxy_forwards_per_token"] for r in prs1])[0]
+            fa = mean_std([r["proxy_forwards_per_token"] for r in ars1])[0]
+            tp = mean_std([r.get("teacher_tokens_per_s") for r in prs1])[0]
+            ta = mean_std([r.get("teacher_tokens_per_s") for r in ars1])[0]
+            cheaper.append(fp < fa)
+            text = f"{pl} vs {al}: proxy forwards/token {fp:.0f} vs {fa:.0f}, {tp:.0f} vs {ta:.0f} tokens/s"
+            xp, xa = _stack(prs1, seeds, "trace_step_validity"), _stack(ars1, seeds, "trace_step_validity")
+            if xp is not None and xa is not None and xp.shape == xa.shape:
+                diffs.append(xp - xa)
+                text += f", step validity difference {bootstrap_mean(xp - xa).format(3)}"
+            parts.append(text)
+    if not diffs:
+        return _result(None, "", "inconclusive" if all(cheaper) else "no",
+                       "no per-trace step validity to compare; " + "; ".join(parts), seeds_all)
+    effect = bootstrap_mean(np.stack(diffs, axis=1))
+    sv = verdict(effect)
+    answer = "no" if (not all(cheaper) or sv == "no") else sv
+    return _result(effect, "PoE minus antidistillation step validity of the teacher's traces", answer,
+                   "; ".join(parts) + f"; pooled step validity difference {effect.format(3)} (throughput is one "
+                   "measurement per cell, on a shared machine)", seeds_all)
 
 
-def hpd_entropy(runs: list[dict[str, Any]], teacher_first_step: float, teacher_entropy: float) -> dict[str, Any]:
-    """Finding 4, from the demo's distillation runs (``objective``, ``seed``, ``final`` eval record,
-    ``first_step_entropy``): entropies against the teacher's, and final accuracy against the best baseline."""
+def hpd_entropy(runs: list[dict[str, Any]], teacher_first: list[float] | None) -> dict[str, Any]:
+    """Finding 4, from the demo's distillation runs (``objective``, ``seed``, ``final`` eval record with per-problem
+    ``correct``, ``entropy`` with per-problem ``first_multi``): HPD minus the best baseline's accuracy; and how much
+    nearer the teacher HPD's entropy at the step-order choice is than SFT's, per problem."""
     by: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
         by[r["objective"]].append(r)
-    seeds = sorted({r["seed"] for r in runs})
-    if "hpd" not in by or "sft" not in by:
-        return {"verdict": "not measured", "seeds": seeds, "evidence": "needs hpd and sft among the objectives"}
+    seeds_all = sorted({r["seed"] for r in runs})
+    featured, reference = "hpd", "sft"
+    if featured not in by or reference not in by:
+        return _not_measured("needs hpd and sft among the objectives", seeds_all)
 
-    def stat(obj: str, key: str) -> tuple[float, float, int]:
-        return mean_std([r["final"].get(key) if key != "first_step_entropy" else r.get(key) for r in by[obj]])
+    def outcomes(obj: str, seeds: list[int]) -> np.ndarray | None:
+        return _stack([{"seed": r["seed"], "student_correct": r["final"].get("correct")} for r in by[obj]], seeds)
 
-    h_hpd, h_sft = stat("hpd", "first_step_entropy"), stat("sft", "first_step_entropy")
-    m_hpd, m_sft = stat("hpd", "student_entropy"), stat("sft", "student_entropy")
-    acc = {obj: stat(obj, "accuracy") for obj in by}
-    baselines = {o: a for o, a in acc.items() if o != "hpd" and finite(a[0])}
-    best = max(baselines, key=lambda o: baselines[o][0]) if baselines else None
-    near = abs(h_hpd[0] - teacher_first_step) < abs(h_sft[0] - teacher_first_step)
-    collapsed = h_sft[0] < COLLAPSE_RATIO * teacher_first_step
-    accurate = best is None or acc["hpd"][0] >= baselines[best][0]
-    evidence = (f"entropy at the step-order choice (first completion token, problems with several orders): teacher "
-                f"{teacher_first_step:.3f}, HPD {_pm(*h_hpd, digits=3)}, SFT {_pm(*h_sft, digits=3)} nats; "
-                f"mean held-out entropy: teacher {teacher_entropy:.3f}, HPD {_pm(*m_hpd, digits=3)}, "
-                f"SFT {_pm(*m_sft, digits=3)}; "
-                f"accuracy: HPD {_pm(*acc['hpd'])}"
-                + (f", best baseline {best} {_pm(*baselines[best])}" if best else "")
-                + "; " + ", ".join(f"{o} {_pm(*a)}" for o, a in sorted(acc.items()) if o != "hpd"))
-    parts = {"HPD entropy nearer the teacher's than SFT's": near,
-             f"SFT collapses (below {COLLAPSE_RATIO:.0%} of the teacher's entropy at the choice)": collapsed,
-             "HPD at least as accurate as the best baseline": accurate}
-    return {"verdict": _verdict(list(parts.values())), "seeds": seeds, "parts": parts,
-            "evidence": evidence + ". " + "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in parts.items())}
+    seeds = sorted(set.intersection(*[{r["seed"] for r in rs} for rs in by.values()]))
+    acc = {o: mean_std([r["final"].get("accuracy") for r in rs]) for o, rs in by.items()}
+    baselines = [o for o in by if o != featured and finite(acc[o][0])]
+    if not baselines or outcomes(featured, seeds) is None:
+        return _not_measured("needs per-problem outcomes of hpd and at least one baseline", seeds_all)
+    best = max(baselines, key=lambda o: acc[o][0])
+    acc_gap = paired_difference(outcomes(featured, seeds), outcomes(best, seeds))
+    acc_verdict = verdict(acc_gap, margin=0.0)
+    # "at least as accurate": no only when HPD is clearly below the best baseline
+    acc_answer = "no" if acc_verdict == "no" else "yes" if acc_verdict == "yes" else "inconclusive"
+    parts = {"accuracy": acc_answer}
+    evidence = (f"accuracy: HPD {format_mean_std(*acc[featured])}, best baseline {best} "
+                f"{format_mean_std(*acc[best])}, HPD minus {best} {acc_gap.format(3)}; "
+                + ", ".join(f"{o} {format_mean_std(*acc[o])}" for o in sorted(by) if o != featured))
+    ent = None
+    if teacher_first:
+        t = np.asarray(teacher_first, dtype=np.float64)
+        h = {o: _stack([{"seed": r["seed"], "e": r.get("entropy", {}).get("first_multi")} for r in by[o]], seeds, "e")
+             for o in (featured, reference)}
+        if all(v is not None and v.shape[1] == t.size for v in h.values()):
+            ent = bootstrap_mean(np.abs(h[featured] - t) - np.abs(h[reference] - t))
+            parts["entropy"] = verdict(ent, yes_when="negative")
+            evidence += (f". Entropy at the step-order choice (nats, {t.size} problems): teacher {t.mean():.3f}, "
+                         f"HPD {h[featured].mean():.3f}, SFT {h[reference].mean():.3f}; |HPD - teacher| minus "
+                         f"|SFT - teacher| {ent.format(3)}")
+    answers = list(parts.values())
+    answer = "no" if "no" in answers else "yes" if all(a == "yes" for a in answers) else "inconclusive"
+    return _result(acc_gap, f"HPD minus the best baseline's ({best}) accuracy", answer, evidence, seeds_all,
+                   parts=parts, entropy_effect=ent.as_dict() if ent is not None else None)
 
 
-def compute_findings(distill_runs: list[dict[str, Any]] | None, teacher_first_step: float, teacher_entropy: float,
-                     game_rows: list[dict[str, Any]] | None,
-                     game_summary_rows: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+def compute_findings(distill_runs: list[dict[str, Any]] | None, teacher_first: list[float] | None,
+                     game_rows: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     """The four findings in order; a part of the demo that was skipped gives ``not measured``."""
-    skipped = {"verdict": "not measured", "seeds": [], "evidence": "the game was skipped (game: null)"}
-    out = [adaptive_gap(game_rows) if game_rows is not None else dict(skipped),
-           matched_utility(game_summary_rows) if game_summary_rows is not None else dict(skipped),
-           defense_cost(game_summary_rows) if game_summary_rows is not None else dict(skipped),
-           hpd_entropy(distill_runs, teacher_first_step, teacher_entropy) if distill_runs else
-           {"verdict": "not measured", "seeds": [], "evidence": "distillation was skipped (distill: null)"}]
+    skipped = "the game was skipped (game: null)"
+    out = [adaptive_gap(game_rows) if game_rows is not None else _not_measured(skipped),
+           matched_utility(game_rows) if game_rows is not None else _not_measured(skipped),
+           defense_cost(game_rows) if game_rows is not None else _not_measured(skipped),
+           hpd_entropy(distill_runs, teacher_first) if distill_runs else
+           _not_measured("distillation was skipped (distill: null)")]
     for i, f in enumerate(out, 1):
         f["question"] = QUESTIONS[i]
         f["number"] = i
