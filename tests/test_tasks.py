@@ -112,3 +112,38 @@ def test_bad_difficulty_and_split():
         ArithmeticTask(ArithmeticConfig(add_min=1, add_max=2, min_value=0)).problems("test", 500, 1)
     with pytest.raises(UserError, match="invalid arithmetic ranges"):
         ArithmeticConfig(add_min=50, add_max=20)
+
+
+def test_swapped_operands_are_a_second_mode_of_every_commutative_step():
+    import random
+
+    from distillarena.tasks.arithmetic import ArithmeticConfig, ArithmeticTask, step_validity
+
+    task = ArithmeticTask(ArithmeticConfig(commute=0.5))
+    problems = task.problems("train", 200, [1, 2], seed=0)
+    # every + or * step doubles the solutions; a 1-operation subtraction has exactly one
+    for p in problems:
+        ops = [c for c in p.expression if c in "+-*"]
+        assert p.n_solutions == len(p.step_orders) * 2 ** sum(o in "+*" for o in ops)
+    assert sum(p.n_solutions > 1 for p in problems) / len(problems) > 0.7
+    rng = random.Random(0)
+    firsts = {}
+    for p in problems:
+        if len(p.expression) == 5 and p.expression[2] in "+*":  # "ab+cd": one commutative step
+            sol = p.random_solution(rng)
+            firsts.setdefault(p.expression, set()).add(sol.split("=")[0])
+            assert step_validity(sol) == 1.0 and sol.endswith(f"Answer: {p.answer}")
+    swapped = sum(any(f != e for f in fs) for e, fs in firsts.items())
+    assert 0.3 < swapped / len(firsts) < 0.7  # about half of the one-step solutions are written "b+a"
+
+
+def test_without_swaps_the_data_is_what_it_was():
+    import random
+
+    from distillarena.tasks.arithmetic import ArithmeticTask
+
+    problems = ArithmeticTask().problems("train", 50, [1, 2, 3], seed=1)
+    a, b = random.Random(7), random.Random(7)
+    for p in problems:
+        assert p.n_solutions == len(p.step_orders)
+        assert p.random_solution(a) == p.solution(b.choice(p.step_orders))  # the same draws, nothing more

@@ -100,7 +100,8 @@ def evaluate_problems(model, tokenizer, problems: list[TaskProblem], max_new_tok
 def per_position_entropy(model, tokenizer, problems: list[Problem], batch_size: int = 64,
                          max_positions: int = 48) -> dict[str, list[float]]:
     """Mean entropy (nats) of the next-token distribution at each completion position, teacher-forced on
-    reference solutions, separately for problems with one valid step order and with several.
+    reference solutions, separately for problems with one valid solution and with several (step orders, or operands
+    that may be swapped).
 
     A multi-modal teacher shows entropy spikes where the step order is chosen; a collapsed student does not.
     ``first_multi`` holds, per problem with several orders (in order), the entropy at the first completion position
@@ -120,7 +121,7 @@ def per_position_entropy(model, tokenizer, problems: list[Problem], batch_size: 
         valid = batch["labels"][:, 1:] != -100
         for b, p in enumerate(chunk):
             e = ent[b][valid[b]][:max_positions]
-            key = "multi" if len(p.step_orders) > 1 else "single"
+            key = "multi" if p.n_solutions > 1 else "single"
             sums[key][: len(e)] += e
             counts[key][: len(e)] += 1
             if key == "multi" and len(e):

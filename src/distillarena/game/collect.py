@@ -36,7 +36,7 @@ from distillarena.core.io import atomic_dir, atomic_write_json, read_jsonl
 from distillarena.decoding import sample
 from distillarena.defenses.spec import DEFENSES
 from distillarena.game.config import DefenseConfig, GameConfig, PromptsConfig, TracesConfig
-from distillarena.game.traces import batch_seed, holdout_gradient, run_traces, trace_record
+from distillarena.game.traces import batch_seed, defense_gradient, run_traces, trace_record
 from distillarena.models.tokenizer import left_padding
 from distillarena.tasks.base import Task
 from distillarena.train.teacher import model_path, model_task, resolve_model
@@ -87,10 +87,18 @@ def collect(cfg: GameConfig, defense: DefenseConfig, seed: int, folder: Path, co
         return json.loads((folder / META).read_text())
     raw = folder.parent / f".{folder.name}.raw.jsonl"
     offline_s = 0.0
+    lam_scales: dict[str, float] = {}
     if DEFENSES[defense.kind].needs_gradient and cfg.api is None:  # the one offline cost: the proxy's holdout
         proxy, proxy_tok, _ = resolve_model(defense.proxy, console)  # gradient (cached on disk)
-        grad = holdout_gradient(proxy, proxy_tok, defense.holdout_traces, game_task(cfg), console)
+        teacher_model = resolve_model(cfg.teacher, console)[0] if defense.holdout == "teacher" else None
+        grad = defense_gradient(defense, proxy, proxy_tok, game_task(cfg), console, teacher_model, cfg.decoding)
         offline_s = float(grad.metadata.get("seconds", 0.0))
+        # lambda as given, and in the papers' scale: they add lambda * (the change along the raw gradient), here
+        # the direction is the unit gradient unless normalize is none, so lambda_raw = lambda / ||g||
+        lam = float(cfg.decoding.under(defense.params).get("lam", 0.0))
+        unit = cfg.decoding.under(defense.params).get("normalize", "unit") == "unit"
+        lam_scales = {"lam": lam, "lam_unnormalised": lam / grad.norm if unit and grad.norm > 0 else lam,
+                      "holdout_gradient_norm": float(grad.norm)}
     t0 = time.perf_counter()
     if cfg.api is not None:
         summary = api_traces(cfg, defense, seed, raw, console)
@@ -115,7 +123,7 @@ def collect(cfg: GameConfig, defense: DefenseConfig, seed: int, folder: Path, co
         "teacher_tokens_per_s": summary.get("tokens_per_s"),
         "teacher_tokens": n_tok, "sampling_wall_s": wall,
         "proxy_forwards_per_token": DEFENSES[defense.kind].proxy_forwards_per_token(defense.params),
-        "offline_s": offline_s,
+        "offline_s": offline_s, **lam_scales,
         "answer_forcing": cfg.answer_forcing,
         # per trace, in prompt order (the same prompts for every defense of a seed): paired teacher-utility intervals
         "trace_correct": "".join("1" if r["correct"] else "0" for r in records),

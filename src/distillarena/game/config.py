@@ -28,6 +28,9 @@ class DefenseConfig(Strict):
                                                  description="the kind's parameters (distillarena.defenses.spec)")
     proxy: ModelRef = Field(default_factory=default_proxy, description="used by poe and antidistillation")
     holdout_traces: int = Field(256, ge=1, description="holdout problems for the antidistillation gradient")
+    holdout: Literal["teacher", "reference"] = Field("teacher", description="the antidistillation gradient's "
+                                                     "holdout texts: the undefended teacher's completions (as the "
+                                                     "papers) or the task's reference solutions")
 
     @model_validator(mode="after")
     def _valid_params(self) -> DefenseConfig:
@@ -109,6 +112,8 @@ class GameDefense(Strict):
     strengths: list[dict[str, float | int | str]] = Field(default_factory=lambda: [{}], min_length=1)
     proxy: ModelRef = Field(default_factory=default_proxy, description="used by poe and antidistillation")
     holdout_traces: int = Field(256, ge=1, description="holdout problems for the antidistillation gradient")
+    holdout: Literal["teacher", "reference"] = Field("teacher", description="the antidistillation gradient's "
+                                                     "holdout texts (see DefenseConfig)")
 
     @model_validator(mode="after")
     def _valid_strengths(self) -> GameDefense:
@@ -118,7 +123,7 @@ class GameDefense(Strict):
 
     def at(self, params: dict[str, float | int | str]) -> DefenseConfig:
         return DefenseConfig(kind=self.kind, params=dict(params), proxy=self.proxy,
-                             holdout_traces=self.holdout_traces)
+                             holdout_traces=self.holdout_traces, holdout=self.holdout)
 
 
 class AttackerConfig(Strict):

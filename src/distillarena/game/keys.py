@@ -31,6 +31,8 @@ def traces_key(cfg: GameConfig, d: DefenseConfig, seed: int) -> str:
             "budget": cfg.budget, "prompts": cfg.prompts.model_dump(mode="json"),
             "reveal": cfg.reveal.model_dump(mode="json"), "answer_forcing": cfg.answer_forcing,
             "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size}
+    if DEFENSES[d.kind].needs_gradient and d.holdout != "reference":
+        what["holdout"] = d.holdout  # (the reference holdout keeps the key it had before the choice existed)
     if cfg.decoding.params():  # (left out at the plain temperature 1, so earlier run folders keep their keys)
         what["decoding"] = cfg.decoding.params()
     if cfg.api is not None:  # traces collected over HTTP are cached apart from those sampled in process

@@ -77,19 +77,21 @@ def _recovery_cell(s: dict[str, Any]) -> str:
 
 
 def cost_figure(summary_rows: list[dict[str, Any]]):
+    """Bars per defense setting: sampling throughput, proxy forwards per token and offline time; a panel whose
+    values are all zero (no defense with a proxy, no offline work) is left out rather than drawn empty."""
     by: dict[str, dict[str, Any]] = {}
     for r in summary_rows:
         by.setdefault(r["defense_label"], r)
     labels = list(by)
-    fig, ax = plt.subplots(1, 3, figsize=(12, 3.6))
-    vals = [[by[k].get("teacher_tokens_per_s") or 0 for k in labels],
-            [by[k].get("proxy_forwards_per_token") or 0 for k in labels],
-            [by[k].get("offline_s") or 0 for k in labels]]
-    titles = ["teacher tokens/s (sampling, this machine)", "proxy forwards per token", "offline time (s)"]
-    for a, v, t in zip(ax, vals, titles, strict=True):
+    panels = [("teacher tokens/s (sampling, this machine)", [by[k].get("teacher_tokens_per_s") or 0 for k in labels]),
+              ("proxy forwards per token", [by[k].get("proxy_forwards_per_token") or 0 for k in labels]),
+              ("offline time (s): antidistillation holdout gradient", [by[k].get("offline_s") or 0 for k in labels])]
+    panels = [p for p in panels if any(v > 0 for v in p[1])] or panels[:1]
+    fig, ax = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    for a, (title, v) in zip(ax[0], panels, strict=True):
         a.bar(range(len(labels)), v, color="#4477aa")
         a.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
-        a.set_title(t, fontsize=9)
+        a.set_title(title, fontsize=9)
         a.grid(alpha=0.3, axis="y")
     return fig
 
@@ -177,7 +179,8 @@ def add_game_sections(r: Report, cfg: GameConfig, out: Path, rows: list[dict[str
                   else g["accuracy_gap"], g["recovery_gap"]] for g in summary["gaps"]])
     r.heading("Cost of each defense")
     r.figure(cost_figure(summary_rows), "Teacher sampling throughput on this machine, proxy forward passes per "
-                                        "generated token, and offline time (the antidistillation holdout gradient).")
+                                        "generated token, and offline time (the antidistillation holdout gradient); "
+                                        "a cost no defense of this run has is not drawn.")
     teacher = json.loads((out / "teacher.json").read_text())
     if teacher.get("entropy"):
         r.heading("Per-position entropy: teacher and students")

@@ -122,9 +122,18 @@ class Game:
         ev = evaluate_problems(model, tok, self.test, max_new_tokens=self.cfg.eval.max_new_tokens, task=self.task)
         info = {"teacher": where, "greedy_accuracy": ev.accuracy, "greedy_step_validity": ev.step_validity,
                 "entropy": per_position_entropy(model, tok, self.entropy_problems) if self.entropy_problems
-                else None}
+                else None, **self.multimodality(model, tok)}
         atomic_write_json(path, info)
         return info
+
+    def multimodality(self, model, tok) -> dict[str, Any]:
+        """How many of the attacked prompts admit several valid solutions, and the teacher's entropy where the first
+        step is chosen (mean over 128 test problems of the attacked difficulties that have a choice)."""
+        prompts = self.task.problems("train", self.cfg.budget, self.cfg.prompts.n_ops, seed=self.cfg.prompts.seed)
+        probe = self.task.problems("test", 128, self.cfg.prompts.n_ops, seed=2)
+        first = per_position_entropy(model, tok, probe).get("first_multi") or []
+        return {"multimodal_share": sum(p.n_solutions > 1 for p in prompts) / max(len(prompts), 1),
+                "choice_entropy": sum(first) / len(first) if first else None, "choice_entropy_n": len(first)}
 
     def base(self) -> dict[str, Any]:
         path = self.out / "base" / f"{base_key(self.cfg)}.json"
@@ -309,6 +318,10 @@ def rebuild(out: Path, cfg: GameConfig, console: Console | None = None, report: 
         g["accuracy_gap_ci"] = iv.as_dict() if iv is not None else None
     summary = {"cells": len(rows), "rows": json_safe(summ), "gaps": json_safe(gap_rows),
                "undefended_gain": json_safe(undefended_gain), "decoding": cfg.decoding.params(), "base": base}
+    teacher_json = out / "teacher.json"
+    if teacher_json.is_file():
+        t = json.loads(teacher_json.read_text())
+        summary["multimodality"] = {k: t.get(k) for k in ("multimodal_share", "choice_entropy", "choice_entropy_n")}
     atomic_write_json(out / "summary.json", summary)
     if report:
         from distillarena.game.report import write_report

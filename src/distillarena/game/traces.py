@@ -8,6 +8,7 @@ have written, and never writes one twice.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -24,21 +25,61 @@ from distillarena.game.config import DecodingConfig, DefenseConfig, TracesConfig
 from distillarena.models.fingerprint import model_fingerprint
 from distillarena.models.tokenizer import left_padding
 from distillarena.tasks.base import Task, TaskProblem
-from distillarena.tasks.data import collate, encode_example, problem_example
+from distillarena.tasks.data import Example, collate, encode_example, problem_example
 from distillarena.train.teacher import model_task, resolve_model
 
 
-def holdout_gradient(proxy: torch.nn.Module, tokenizer, n_traces: int, task: Task, console: Console):
-    """The proxy's holdout-loss gradient for antidistillation sampling, computed once and cached on disk."""
+def holdout_gradient(proxy: torch.nn.Module, tokenizer, n_traces: int, task: Task, console: Console, *,
+                     teacher: torch.nn.Module | None = None, decoding: dict[str, Any] | None = None):
+    """The proxy's holdout-loss gradient for antidistillation sampling, computed once and cached on disk. Its
+    holdout texts are the undefended ``teacher``'s own completions of holdout prompts (sampled at ``decoding``, with
+    a fixed seed), as in the papers, or, without a teacher, the task's reference solutions. (The teacher and the
+    proxy share the tokenizer: PoE and antidistillation check it.)"""
     problems = task.problems("holdout", n_traces, [1, 2, 3, 4], seed=0)
-    data_key = hashlib.sha256("\n".join(p.expression for p in problems).encode()).hexdigest()[:12]
+    source = "reference"
+    if teacher is not None:
+        source = f"teacher-{model_fingerprint(teacher)[:16]}-{json.dumps(decoding or {}, sort_keys=True)}"
+    data_key = hashlib.sha256("\n".join([source] + [p.expression for p in problems]).encode()).hexdigest()[:12]
+    if teacher is None:  # (the key of the reference-solution holdout is the one it always had)
+        data_key = hashlib.sha256("\n".join(p.expression for p in problems).encode()).hexdigest()[:12]
     path = cache_dir() / "proxy_gradients" / f"{model_fingerprint(proxy)[:16]}-{data_key}.safetensors"
     if path.exists():
         return load_proxy_gradient(path, proxy, tokenizer=tokenizer)
-    console.print(f"computing the proxy's holdout gradient on {n_traces} traces (cached at {path})")
-    enc = [encode_example(tokenizer, problem_example(p)) for p in problems]
+    what = "the teacher's completions of" if teacher is not None else "reference solutions of"
+    console.print(f"computing the proxy's holdout gradient on {what} {n_traces} holdout problems (cached at {path})")
+    if teacher is not None:
+        completions = _teacher_completions(teacher, tokenizer, [p.prompt for p in problems], decoding or {})
+        enc = [encode_example(tokenizer, Example(prompt=p.prompt, completion=c))
+               for p, c in zip(problems, completions, strict=True)]
+    else:
+        enc = [encode_example(tokenizer, problem_example(p)) for p in problems]
     batches = [collate(enc[i : i + 64], tokenizer.pad_token_id) for i in range(0, len(enc), 64)]
     return compute_proxy_gradient(proxy, batches, path=path, tokenizer=tokenizer)
+
+
+@torch.no_grad()
+def _teacher_completions(teacher: torch.nn.Module, tokenizer, prompts: list[str], decoding: dict[str, Any],
+                         batch_size: int = 64, max_new_tokens: int = 64) -> list[str]:
+    policy = build_policy("none", decoding)
+    gen = torch.Generator().manual_seed(0)
+    out: list[str] = []
+    with left_padding(tokenizer):
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
+            res = policy.sample(teacher, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+                                generator=gen, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id)
+            out.extend(res.texts(tokenizer))
+    return out
+
+
+def defense_gradient(cfg: DefenseConfig, proxy: torch.nn.Module, proxy_tok, task: Task, console: Console,
+                     teacher: torch.nn.Module | None, decoding: DecodingConfig | None):
+    """The holdout gradient a defense config asks for (``holdout: teacher`` or ``reference``)."""
+    use_teacher = cfg.holdout == "teacher" and teacher is not None
+    return holdout_gradient(proxy, proxy_tok, cfg.holdout_traces, task, console,
+                            teacher=teacher if use_teacher else None,
+                            decoding=decoding.params() if (use_teacher and decoding is not None) else None)
 
 
 def build_defense(cfg: DefenseConfig, teacher: torch.nn.Module, tokenizer, task: Task,
@@ -49,7 +90,7 @@ def build_defense(cfg: DefenseConfig, teacher: torch.nn.Module, tokenizer, task:
     if spec.needs_proxy:
         proxy, proxy_tok, _ = resolve_model(cfg.proxy, console)
         if spec.needs_gradient:
-            gradient = holdout_gradient(proxy, proxy_tok, cfg.holdout_traces, task, console)
+            gradient = defense_gradient(cfg, proxy, proxy_tok, task, console, teacher, decoding)
     params = decoding.under(cfg.params) if decoding is not None else cfg.params
     return build_policy(cfg.kind, params, teacher=teacher, tokenizer=tokenizer, proxy=proxy,
                         proxy_tokenizer=proxy_tok, gradient=gradient)

@@ -21,6 +21,7 @@ from distillarena.train.config import (
     DistillEvalConfig,
     DistillTrainConfig,
     EvalConfig,
+    FromTeacher,
     ModelRef,
     StudentConfig,
     TeacherConfig,
@@ -32,16 +33,17 @@ DEMO_OBJECTIVES = ("hpd", "sft", "seqkd", "rkl_onehot", "jsd_onehot")
 class DemoDistillConfig(Strict):
     """The demo's distillation comparison: each objective distills the demo's teacher into the same student, on the
     same data, with the same steps and seeds (the HPD paper's baselines as run: SFT, SeqKD, one-hot reverse KL and
-    JSD, all off-policy on the data's prefixes). ``student: null`` (the default) starts from the game's student
-    before any trace (the small preset under-trained on 1- and 2-operation problems), so a few hundred steps show
-    a difference; a student from scratch needs far more steps to leave zero accuracy."""
+    JSD, all off-policy on the data's prefixes). The default student is the teacher with every other layer dropped
+    (it holds the skill in its layers, so distillation lifts it far), trained for many epochs on a small fixed set,
+    where the HPD paper saw SFT collapse onto one mode (docs/decisions.md, "The demo's distillation regime").
+    ``student: null`` starts from the game's student before any trace instead."""
 
     objectives: list[str] = Field(default_factory=lambda: list(DEMO_OBJECTIVES), min_length=1)
-    student: StudentConfig | None = None
-    data: DataConfig = Field(default_factory=lambda: DataConfig(train_size=2048))
-    train: DistillTrainConfig = Field(default_factory=lambda: DistillTrainConfig(steps=100, eval_every=25, lr=2e-3,
-                                                                                 warmup_steps=10))
-    eval: DistillEvalConfig = Field(default_factory=lambda: DistillEvalConfig(n_examples=64, n_problems=240))
+    student: StudentConfig | None = Field(default_factory=lambda: StudentConfig(from_teacher=FromTeacher(keep_every=2)))
+    data: DataConfig = Field(default_factory=lambda: DataConfig(train_size=512))
+    train: DistillTrainConfig = Field(default_factory=lambda: DistillTrainConfig(steps=320, eval_every=80, lr=1e-3,
+                                                                                 warmup_steps=20))
+    eval: DistillEvalConfig = Field(default_factory=lambda: DistillEvalConfig(n_examples=64, n_problems=300))
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
 
     @field_validator("objectives", "seeds")
@@ -50,6 +52,14 @@ class DemoDistillConfig(Strict):
         if len(set(v)) != len(v):
             raise ValueError("entries must be distinct")
         return v
+
+
+def _demo_distill_defaults() -> dict[str, Any]:
+    d = DemoDistillConfig()
+    out = d.model_dump(mode="json", exclude={"data": {"task"}})
+    if d.student is not None:  # only the fields the default sets (a dumped preset would clash with from_teacher)
+        out["student"] = d.student.model_dump(mode="json", exclude_unset=True)
+    return out
 
 
 def demo_game() -> GameConfig:
@@ -86,7 +96,7 @@ class DemoConfig(Strict):
         if isinstance(data, dict):
             data = dict(data)
             defaults = {"game": lambda: demo_game().model_dump(mode="json", exclude={"teacher"}),
-                        "distill": lambda: DemoDistillConfig().model_dump(mode="json", exclude={"data": {"task"}})}
+                        "distill": _demo_distill_defaults}
             for name, base in defaults.items():
                 if isinstance(data.get(name), dict):
                     data[name] = {**base(), **data[name]}

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import numpy as np
 from rich.console import Console
 
 from distillarena.core.config import dump_config
@@ -36,7 +37,7 @@ from distillarena.models.presets import load_model, load_tokenizer
 from distillarena.recipes.config import DemoConfig
 from distillarena.report.findings import compute_findings, format_mean_std
 from distillarena.report.html import Report
-from distillarena.report.stats import mean_std
+from distillarena.report.stats import bootstrap_mean, mean_std, paired_difference
 from distillarena.tasks.arithmetic import ArithmeticTask
 from distillarena.train.config import CheckpointConfig, DistillConfig, LoggingConfig, StudentConfig, TeacherSource
 from distillarena.train.teacher import PROBE_DIFFICULTY, TeacherResult, model_path, task_config, teach
@@ -258,31 +259,77 @@ def build_report(cfg: DemoConfig, teacher: TeacherResult, ev, entropy, distill_r
     return r
 
 
+def _outcome_matrix(runs: list[dict[str, Any]], step: int | None) -> np.ndarray | None:
+    """Per-problem outcomes of ``runs`` (one row per seed) at eval ``step`` (None: the final eval)."""
+    rows = []
+    for run in sorted(runs, key=lambda r: r["seed"]):
+        rec = run["final"] if step is None else next((c for c in run["curve"] if c["step"] == step), {})
+        if not rec.get("correct"):
+            return None
+        rows.append(np.frombuffer(rec["correct"].encode(), dtype=np.uint8).astype(np.float64) - ord("0"))
+    return np.stack(rows) if rows else None
+
+
+def _accuracy_curve(runs: list[dict[str, Any]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Held-out accuracy at each eval step: the mean over seeds and its 95% bootstrap interval (problems and seeds)."""
+    steps = sorted({c["step"] for run in runs for c in run["curve"] if "accuracy" in c})
+    xs, ys, lo, hi = [], [], [], []
+    for s in steps:
+        m = _outcome_matrix(runs, s)
+        if m is None:
+            continue
+        iv = bootstrap_mean(m, replicates=500)
+        xs.append(s)
+        ys.append(iv.mean)
+        lo.append(iv.ci_low)
+        hi.append(iv.ci_high)
+    return xs, ys, lo, hi
+
+
+def _at_start(runs: list[dict[str, Any]], key: str) -> list[Any]:
+    return [next((c.get(key) for c in run["curve"] if c["step"] == 0), None) for run in runs]
+
+
 def distill_sections(r: Report, cfg: DemoConfig, runs: list[dict[str, Any]], teacher_entropy) -> None:
     d = cfg.distill
     objectives = list(dict.fromkeys(run["objective"] for run in runs))
     by = {o: [run for run in runs if run["objective"] == o] for o in objectives}
     featured = objectives[0]  # the method under study is listed first (hpd by default) and drawn bold
-    r.heading("Distillation: HPD against SFT, SeqKD, one-hot reverse KL and one-hot JSD")
-    r.text(f"Same teacher, same student ({'the game’s student before any trace' if d.student is None else 'see config'}"
-           f"), same {d.data.train_size} training prefixes of {d.data.task.n_ops}-operation problems, "
-           f"{d.train.steps} steps of batch {d.train.batch_size} at lr {d.train.lr}, seeds {d.seeds}. Held-out: "
-           f"{d.eval.n_problems} problems (greedy accuracy) and {d.eval.n_examples} teacher-forced sequences "
-           "(exact forward and reverse KL over the full vocabulary). Curves are means over seeds.")
-    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    epochs = d.train.steps * d.train.batch_size / max(d.data.train_size, 1)
+    r.heading("Distillation: HPD against the baselines")
+    student = ("the game's student before any trace" if d.student is None else
+               f"the teacher keeping every {d.student.from_teacher.keep_every}th layer" if d.student.from_teacher
+               else d.student.init)
+    r.text(f"Same teacher, same student ({student}), the same fixed set of {d.data.train_size} training prefixes of "
+           f"{d.data.task.n_ops}-operation problems seen about {epochs:.0f} times ({d.train.steps} steps of batch "
+           f"{d.train.batch_size} at lr {d.train.lr}: many epochs on little data, where the HPD paper saw SFT "
+           f"collapse), seeds {d.seeds}. Held-out: {d.eval.n_problems} problems (greedy accuracy, shaded: 95% "
+           f"bootstrap interval over problems and seeds) and {d.eval.n_examples} teacher-forced sequences (exact "
+           "forward and reverse KL over the full vocabulary, means over seeds).")
+    fig, ax = plt.subplots(1, 4, figsize=(16, 3.6))
     for o in objectives:
-        for a, key in zip(ax, ("accuracy", "heldout_fkl", "heldout_rkl"), strict=True):
+        color, lw = COLORS.get(o), (2.5 if o == featured else 1.5)
+        xs, ys, lo, hi = _accuracy_curve(by[o])
+        ax[0].plot(xs, ys, "o-", color=color, label=OBJECTIVE_LABELS.get(o, o), lw=lw)
+        ax[0].fill_between(xs, lo, hi, color=color, alpha=0.12)
+        for a, key in zip(ax[1:], ("heldout_fkl", "heldout_rkl", "choice_entropy"), strict=True):
             xs, ys = _mean_curve(by[o], key)
-            a.plot(xs, ys, "o-", color=COLORS.get(o), label=OBJECTIVE_LABELS.get(o, o),
-                   lw=2.5 if o == featured else 1.5)
+            a.plot(xs, ys, "o-", color=color, label=OBJECTIVE_LABELS.get(o, o), lw=lw)
+    t_choice = [c["teacher_choice_entropy"] for run in runs for c in run["curve"] if c.get("teacher_choice_entropy")]
+    if t_choice:
+        ax[3].axhline(sum(t_choice) / len(t_choice), color="k", lw=2, label="teacher")
     for a, title in zip(ax, ("held-out accuracy (greedy)", "held-out forward KL(teacher || student)",
-                             "held-out reverse KL(student || teacher)"), strict=True):
+                             "held-out reverse KL(student || teacher)", "entropy where the first step is chosen"),
+                        strict=True):
         a.set(xlabel="step", title=title)
         a.grid(alpha=0.3)
     ax[1].set_yscale("log")
     ax[2].set_yscale("log")
+    ax[3].set_ylabel("nats")
     ax[0].legend(fontsize=8)
-    r.figure(fig)
+    ax[3].legend(fontsize=7)
+    r.figure(fig, "A student that keeps the teacher's modes keeps its entropy at the choice near the teacher's "
+                  "(black); one that collapses onto one mode drives it towards zero.")
     fig, ax = plt.subplots(figsize=(8, 3.6))
     ax.plot(teacher_entropy["multi"], color="k", lw=2.5, label="teacher")
     for o in objectives:
@@ -290,20 +337,43 @@ def distill_sections(r: Report, cfg: DemoConfig, runs: list[dict[str, Any]], tea
         mean = [sum(c[i] for c in curves) / len(curves) for i in range(len(curves[0]))]
         ax.plot(mean, color=COLORS.get(o), label=OBJECTIVE_LABELS.get(o, o), lw=2 if o == featured else 1.2)
     ax.set(xlabel="completion position (tokens)", ylabel="entropy (nats)",
-           title="next-token entropy on 3-operation problems with several step orders (teacher-forced)")
+           title="next-token entropy after training, 3-operation problems with several solutions (teacher-forced)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    r.figure(fig, "A student that keeps the teacher's modes keeps its entropy peaks; one that collapses onto one "
-                  "order flattens them (position 0 is the choice of the first step).")
+    r.figure(fig, "Entropy peaks mark the choices (step order, operand order); a collapsed student flattens them.")
 
     def ms(vals: list[Any]) -> str:
         return format_mean_std(*mean_std(vals), digits=3)
 
-    r.table(["objective", "accuracy", "forward KL", "reverse KL", "student entropy", "teacher entropy",
-             "entropy at the order choice", "train + eval (s)"],
-            [[OBJECTIVE_LABELS.get(o, o), ms([x["final"].get("accuracy") for x in by[o]]),
-              ms([x["final"].get("heldout_fkl") for x in by[o]]), ms([x["final"].get("heldout_rkl") for x in by[o]]),
-              ms([x["final"].get("student_entropy") for x in by[o]]),
-              ms([x["final"].get("teacher_entropy") for x in by[o]]), ms([x["first_step_entropy"] for x in by[o]]),
-              ms([x["wall_seconds"] for x in by[o]])] for o in objectives]
-            + [["teacher", "", "", "", "", "", f"{teacher_entropy['multi'][0]:.3f}", ""]])
+    start_runs = by[objectives[0]]
+    start = _outcome_matrix(start_runs, 0)
+    rows = []
+    if start is not None:
+        iv = bootstrap_mean(start)
+        rows.append(["start (before distillation)", f"{iv.mean:.3f} [{iv.ci_low:.3f}, {iv.ci_high:.3f}]", "–",
+                     ms(_at_start(start_runs, "heldout_fkl")), ms(_at_start(start_runs, "heldout_rkl")),
+                     ms(_at_start(start_runs, "choice_entropy")), "–"])
+    below = []
+    for o in objectives:
+        final = _outcome_matrix(by[o], None)
+        acc = bootstrap_mean(final) if final is not None else None
+        gain = (paired_difference(final, start) if final is not None and start is not None
+                and final.shape == start.shape else None)
+        if gain is not None and gain.mean < 0:
+            below.append(f"{OBJECTIVE_LABELS.get(o, o)} ends below the start by {-gain.mean:.3f} "
+                         f"(interval {gain.ci_low:+.3f} to {gain.ci_high:+.3f})")
+        rows.append([OBJECTIVE_LABELS.get(o, o),
+                     f"{acc.mean:.3f} [{acc.ci_low:.3f}, {acc.ci_high:.3f}]" if acc else "–",
+                     gain.format(3) if gain else "–",
+                     ms([x["final"].get("heldout_fkl") for x in by[o]]),
+                     ms([x["final"].get("heldout_rkl") for x in by[o]]),
+                     ms([x["final"].get("choice_entropy") for x in by[o]]), ms([x["wall_seconds"] for x in by[o]])])
+    rows.append(["teacher", "–", "–", "–", "–", ms(_at_start(runs[:1], "teacher_choice_entropy")), "–"])
+    r.table(["objective", "accuracy [95% CI]", "change from start [95% CI] (n)", "forward KL", "reverse KL",
+             "entropy at the choice", "train + eval (s)"], rows)
+    if start is None:
+        r.text("The starting accuracy was not recorded.", note=True)
+    elif below:
+        r.text("; ".join(below) + ".")
+    else:
+        r.text("Every objective ends above the student's starting accuracy.", note=True)

@@ -24,6 +24,7 @@ from itertools import permutations
 from distillarena.core.errors import UserError
 
 OPS = ("+", "-", "*")
+COMMUTATIVE = ("+", "*")
 PRECEDENCE = {"+": 1, "-": 1, "*": 2}
 OP_WORDS = {"+": "the sum of", "-": "the difference of", "*": "the product of"}
 SPLITS = ("train", "holdout", "test")
@@ -103,6 +104,7 @@ class Problem:
 
     tree: Node
     style: str = "symbolic"  # "symbolic" ("What is 2*3+4?") or "words" (verbal expression)
+    commute: float = 0.0  # probability that a random solution writes a + or * step with its operands swapped
 
     @property
     def expression(self) -> str:
@@ -148,8 +150,15 @@ class Problem:
                 orders.append(perm)
         return orders
 
-    def solution(self, order: tuple[int, ...] | None = None) -> str:
-        """The chain of thought for one step order (the first valid order when ``order`` is None)."""
+    @property
+    def n_solutions(self) -> int:
+        """Distinct valid chains of thought: step orders, times two per + or * step when operands may be swapped."""
+        swappable = sum(n.op in COMMUTATIVE for n in _operation_nodes(self.tree)) if self.commute > 0 else 0
+        return len(self.step_orders) * 2 ** swappable
+
+    def solution(self, order: tuple[int, ...] | None = None, swapped: frozenset[int] = frozenset()) -> str:
+        """The chain of thought for one step order (the first valid order when ``order`` is None), writing the
+        operations whose indices are in ``swapped`` (+ and * only) with their operands exchanged."""
         nodes = _operation_nodes(self.tree)
         if order is None:
             order = self.step_orders[0]
@@ -159,6 +168,8 @@ class Problem:
         for i in order:
             n = nodes[i]
             a, b = n.left.evaluate(), n.right.evaluate()
+            if i in swapped and n.op in COMMUTATIVE:
+                a, b = b, a
             lines.append(f"{a}{n.op}{b}={apply_op(n.op, a, b)}")
         lines.append(f"{ANSWER_PREFIX}{self.answer}")
         return "\n".join(lines)
@@ -167,7 +178,12 @@ class Problem:
         return [self.solution(o) for o in self.step_orders]
 
     def random_solution(self, rng: random.Random) -> str:
-        return self.solution(rng.choice(self.step_orders))
+        order = rng.choice(self.step_orders)
+        if self.commute <= 0:  # (no draw at all: the data of a world without swaps is what it always was)
+            return self.solution(order)
+        nodes = _operation_nodes(self.tree)
+        swapped = frozenset(i for i, n in enumerate(nodes) if n.op in COMMUTATIVE and rng.random() < self.commute)
+        return self.solution(order, swapped)
 
     @property
     def split(self) -> str:
@@ -200,6 +216,7 @@ class ArithmeticConfig:
     min_value: int = 10  # every intermediate value stays in [min_value, max_value]
     max_value: int = 99
     word_fraction: float = 0.0  # share of problems rendered as verbal expressions
+    commute: float = 0.0  # probability that a training solution writes a + or * step as "b+a" (a second mode)
 
     def __post_init__(self) -> None:
         if not 0 <= self.add_min <= self.add_max or not 0 <= self.min_value <= self.max_value or self.mul_max < 2:
@@ -256,7 +273,7 @@ class ArithmeticTask:
             tree = self._random_tree(rng, n_ops)
             if self._valid(tree):
                 style = "words" if rng.random() < self.config.word_fraction else "symbolic"
-                return Problem(tree, style)
+                return Problem(tree, style, self.config.commute)
 
     def problems(self, split: str, n: int, n_ops: int | list[int], seed: int = 0) -> list[Problem]:
         """``n`` distinct problems of ``split``; ``n_ops`` may be a list to mix difficulties evenly."""

@@ -22,6 +22,11 @@ class TaskProblem(Protocol):
     @property
     def difficulty(self) -> int: ...
 
+    @property
+    def n_solutions(self) -> int:
+        """Distinct valid solutions (step orders, swappable operands): > 1 where a teacher has modes to choose."""
+        ...
+
 
 @runtime_checkable
 class Task(Protocol):

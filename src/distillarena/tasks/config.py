@@ -18,6 +18,8 @@ class TaskConfig(Strict):
     min_value: int = Field(10, ge=0)
     max_value: int = Field(99, ge=10)
     word_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    commute: float = Field(0.5, ge=0.0, le=1.0, description="probability that a training solution writes a + or * "
+                           "step with its operands swapped: every such step is then a choice between two modes")
 
     @field_validator("n_ops")
     @classmethod
@@ -35,7 +37,7 @@ class TaskConfig(Strict):
     def arithmetic(self) -> ArithmeticConfig:
         return ArithmeticConfig(add_min=self.add_min, add_max=self.add_max, mul_max=self.mul_max,
                                 min_value=self.min_value, max_value=self.max_value,
-                                word_fraction=self.word_fraction)
+                                word_fraction=self.word_fraction, commute=self.commute)
 
     def build(self) -> ArithmeticTask:
         """The task these settings describe (a :class:`~distillarena.tasks.base.Task`)."""

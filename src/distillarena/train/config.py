@@ -7,7 +7,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from distillarena.core.config import Strict
 from distillarena.tasks.config import TaskConfig
@@ -43,6 +43,8 @@ class TeacherConfig(Strict):
     def cache_key(self, tokenizer_id: str) -> str:
         # how often we log or evaluate does not change the weights, so it does not change the key
         fields = self.model_dump(exclude={"train": {"log_every", "eval_every"}})
+        if fields["task"]["commute"] == 0:  # a world without swapped operands keeps the key it had before they existed
+            del fields["task"]["commute"]
         blob = json.dumps({"teacher": fields, "tokenizer": tokenizer_id}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -143,7 +145,8 @@ class StudentConfig(Strict):
     @model_validator(mode="after")
     def _one_init(self) -> StudentConfig:
         given = [n for n in ("path", "from_teacher") if getattr(self, n) is not None]
-        if "preset" in self.model_fields_set:
+        # a preset other than the default (a dumped config repeats the default preset beside path / from_teacher)
+        if "preset" in self.model_fields_set and self.preset != type(self).model_fields["preset"].default:
             given.append("preset")
         if len(given) > 1:
             raise ValueError(f"give only one of preset, path, from_teacher (got {', '.join(given)})")
@@ -197,6 +200,15 @@ class StageConfig(Strict):
     seq_kd: bool | None = None
 
 
+class CrossTokenizerConfig(Strict):
+    """A student whose tokenizer differs from the teacher's (``student.tokenizer``, or a pretrained ``student.path``).
+    Every example is encoded in both tokenizations of its text; the teacher's signal is lined up with the
+    student's positions by character offsets (``pairing: offsets``) or by index (``position``, as the ULD paper
+    does). Objectives: those made for it (``uld``, ``aligned``), or ``sft`` on the teacher's text (``seq_kd``)."""
+
+    pairing: Literal["offsets", "position"] = "offsets"
+
+
 class DistillTrainConfig(TrainConfig):
     """The loop's settings for distillation. The *global* batch is ``batch_size x grad_accum`` sequences, whatever
     the number of processes: under N processes each runs ``grad_accum / N`` micro-batches per step."""
@@ -229,6 +241,8 @@ class DistillConfig(Strict):
     loss_temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(64, ge=1)
     align_vocab: bool = Field(False, description="allow a padded vocabulary (same tokenizer, more rows)")
+    cross_tokenizer: CrossTokenizerConfig | None = Field(
+        None, description="the student's tokenizer differs from the teacher's (objectives uld, aligned, sft)")
     stages: list[StageConfig] = Field(default_factory=list)
     train: DistillTrainConfig = Field(default_factory=DistillTrainConfig)
     eval: DistillEvalConfig = Field(default_factory=DistillEvalConfig)
@@ -247,4 +261,13 @@ class DistillConfig(Strict):
     @property
     def total_steps(self) -> int:
         return sum(s.steps for s in self.stages) if self.stages else self.train.steps
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # cross_tokenizer is left out of a dump while unset, so configs without it dump (and resume, and key
+        # their caches) exactly as before the field existed
+        out = handler(self)
+        if isinstance(out, dict) and out.get("cross_tokenizer", 0) is None:
+            out.pop("cross_tokenizer")
+        return out
 

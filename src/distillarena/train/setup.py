@@ -20,7 +20,7 @@ from distillarena.core.io import atomic_dir, atomic_write_json, cache_dir
 from distillarena.models.fingerprint import model_fingerprint
 from distillarena.models.presets import build_preset, load_model, load_tokenizer
 from distillarena.models.tokenizer import task_tokenizer
-from distillarena.objectives import available_objectives, get_objective
+from distillarena.objectives import available_objectives, cross_vocab_objectives, get_objective
 from distillarena.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
 from distillarena.tasks.data import Example, arithmetic_examples, collate, encode_example, load_examples
 from distillarena.teachers import (
@@ -30,12 +30,14 @@ from distillarena.teachers import (
     check_tokenizers,
     context_length,
 )
+from distillarena.teachers.cross import CrossTokenizerTeacher, TokenizerPair
 from distillarena.train.config import DistillConfig, StageConfig
 from distillarena.train.distill import (
     Encoded,
     Stage,
     generator_for,
     heldout_divergences,
+    heldout_nll,
     sample_completions,
 )
 from distillarena.train.student import add_lora, copy_with_layers_dropped
@@ -85,7 +87,12 @@ def check_regimes(cfg: DistillConfig, stages: list[Stage]) -> None:
     kind = cfg.teacher.kind
     for i, st in enumerate(stages):
         where = f"stage {i + 1} ({st.objective})" if len(stages) > 1 else f"objective {st.objective!r}"
-        signals = get_objective(st.objective).accepted_signals
+        spec = get_objective(st.objective)
+        signals = spec.accepted_signals
+        if cfg.cross_tokenizer is not None and kind != "text" and spec.uses_teacher and not spec.cross_vocab:
+            raise UserError(f"{where} compares teacher and student token by token over one vocabulary, but "
+                            "cross_tokenizer says their tokenizers differ: use one of "
+                            f"{', '.join(cross_vocab_objectives())}, or sft on the teacher's text (seq_kd: true)")
         if kind == "text":
             if "none" not in signals:
                 raise UserError(f"{where} needs the teacher's log-probs ({', '.join(sorted(signals))}), but the "
@@ -170,7 +177,7 @@ def build_student(cfg: DistillConfig, teacher: TeacherSetup) -> tuple[torch.nn.M
                else task_tokenizer())
         model = build_preset(sc.preset, tok, seed=sc.seed)
     model = model.to(torch.float32)
-    if teacher.tokenizer is not None:
+    if teacher.tokenizer is not None and cfg.cross_tokenizer is None:
         check_tokenizers(tok, teacher.tokenizer, align_vocab=cfg.align_vocab)
         vs = model.get_output_embeddings().weight.shape[0]
         vt = teacher.model.vocab_size if teacher.model is not None else teacher.cache.vocab_size
@@ -202,18 +209,22 @@ def max_length_of(cfg: DistillConfig, *models: torch.nn.Module | None) -> int:
     return min(limits) if limits else 1 << 30
 
 
-def _encode_all(tok, exs: list[Example], max_length: int, what: str) -> list[Encoded]:
+def _encode_all(tok, exs: list[Example], max_length: int, what: str, teacher_tok=None) -> list[Encoded]:
+    """Each example in the student's tokenization (and, with ``teacher_tok``, its twin in the teacher's)."""
     out = []
     for i, e in enumerate(exs):
         try:
             ids, labels = encode_example(tok, e, max_length=max_length)
+            twin = encode_example(teacher_tok, e, max_length=max_length) if teacher_tok is not None else None
         except UserError as err:
             raise UserError(f"{what} example {i}: {err}") from None
-        out.append(Encoded(ids, labels, float(e.weight)))
+        out.append(Encoded(ids, labels, float(e.weight), twin))
     return out
 
 
-def build_data(cfg: DistillConfig, tok, max_length: int, data_cfg=None) -> DataSetup:
+def build_data(cfg: DistillConfig, tok, max_length: int, data_cfg=None, teacher_tok=None) -> DataSetup:
+    """The training and held-out data in the student's tokenization; with ``teacher_tok`` (a teacher with another
+    tokenizer) every example also carries its teacher twin."""
     d = data_cfg or cfg.data
     seed = cfg.train.seed
     problems = None
@@ -239,8 +250,8 @@ def build_data(cfg: DistillConfig, tok, max_length: int, data_cfg=None) -> DataS
         desc = f"{d.source}: {len(train_exs)} training examples"
     if not train_exs:
         raise UserError("the training dataset is empty")
-    train_enc = _encode_all(tok, train_exs, max_length, "training")
-    held_enc = _encode_all(tok, held, max_length, "held-out")
+    train_enc = _encode_all(tok, train_exs, max_length, "training", teacher_tok)
+    held_enc = _encode_all(tok, held, max_length, "held-out", teacher_tok)
     if not any(lab != -100 for e in train_enc for lab in e.labels[1:]):
         raise UserError("the training dataset has no completion tokens to learn from")
     probes = {name: _encode_all(tok, load_examples(src, limit=cfg.eval.n_examples), max_length, f"probe {name!r}")
@@ -307,11 +318,18 @@ def evaluate_student(student: torch.nn.Module, tok, teacher: TeacherSetup, data:
 
     rec: dict[str, Any] = {}
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    if teacher.model is not None and data.heldout:
+    if cfg.cross_tokenizer is not None:
+        # no KL across two vocabularies: the student's NLL of the held-out text (the teacher's, when it has a model)
+        for name, held in (("", data.heldout), *((f"{k}/", v) for k, v in data.probes.items())):
+            if held:
+                batches = [collate([(e.ids, e.labels) for e in held[i:i + batch_size]], pad)
+                           for i in range(0, len(held), batch_size)]
+                rec.update({f"{name}{k}": v for k, v in heldout_nll(student, batches).items()})
+    elif teacher.model is not None and data.heldout:
         batches = [collate([(e.ids, e.labels) for e in data.heldout[i:i + batch_size]], pad)
                    for i in range(0, len(data.heldout), batch_size)]
         rec.update(heldout_divergences(student, teacher.model, batches))
-    for name, probe in (data.probes if teacher.model is not None else {}).items():
+    for name, probe in (data.probes if teacher.model is not None and cfg.cross_tokenizer is None else {}).items():
         batches = [collate([(e.ids, e.labels) for e in probe[i:i + batch_size]], pad)
                    for i in range(0, len(probe), batch_size)]
         rec.update({f"{name}/{k}": v for k, v in heldout_divergences(student, teacher.model, batches).items()})
@@ -320,14 +338,63 @@ def evaluate_student(student: torch.nn.Module, tok, teacher: TeacherSetup, data:
         ev = evaluate_problems(student, tok, data.problems, max_new_tokens=cfg.eval.max_new_tokens)
         student.train(was)
         rec.update(accuracy=ev.accuracy, step_validity=ev.step_validity,
-                   **{f"accuracy_{k}op": v["accuracy"] for k, v in ev.by_difficulty.items()})
+                   **{f"accuracy_{k}op": v["accuracy"] for k, v in ev.by_difficulty.items()},
+                   correct=ev.outcomes)  # per held-out problem: paired comparisons between runs
+        rec.update(_choice_entropies(student, teacher, tok, data.problems[:CHOICE_PROBES]))
     return rec
+
+
+CHOICE_PROBES = 64  # held-out problems whose first-step entropy is tracked over training
+
+
+def _choice_entropies(student: torch.nn.Module, teacher: TeacherSetup, tok, problems: list) -> dict[str, float]:
+    """Mean next-token entropy where the first step is chosen (problems with several valid solutions), for the
+    student and the live teacher: where mode collapse shows first."""
+    from distillarena.evaluate.task_eval import per_position_entropy
+
+    out: dict[str, float] = {}
+    models = {"choice_entropy": (student, tok)}
+    if teacher.model is not None:  # the teacher reads its own tokenization (another one with cross_tokenizer)
+        models["teacher_choice_entropy"] = (teacher.model.model, teacher.model.tokenizer)
+    for key, (model, model_tok) in models.items():
+        was = model.training
+        with torch.no_grad():
+            first = per_position_entropy(model, model_tok, problems).get("first_multi") or []
+        model.train(was)
+        if first:
+            out[key] = sum(first) / len(first)
+    return out
+
+
+def _student_twin(pair: TokenizerPair, e: Encoded) -> Encoded:
+    """An example known in the teacher's tokenization (a cache's, a teacher generation) in the student's, with the
+    teacher's as its twin."""
+    plen = e.prompt_len
+    p_ids = pair.prompt_to_student(e.ids[:plen])
+    c_ids = pair.to_student(e.ids[plen:])
+    return Encoded(p_ids + c_ids, [-100] * len(p_ids) + c_ids, e.weight, (e.ids, e.labels))
+
+
+def _teacher_text(pair: TokenizerPair, teacher: LocalTeacher, pool: list[Encoded], cfg: DistillConfig,
+                  accelerator: Accelerator, console: Console) -> tuple[list[Encoded], dict[str, Any]]:
+    """``pool`` (student examples with teacher twins) with the teacher's own completions of their prompts (generated
+    once and cached, as for seq_kd), in both tokenizations."""
+    assert all(e.teacher is not None for e in pool)
+    twins, info = seq_kd_pool(teacher, [Encoded(*e.teacher, e.weight) for e in pool], cfg, accelerator, console)
+    out = []
+    for e, t in zip(pool, twins, strict=True):
+        c_ids = pair.to_student(t.ids[t.prompt_len:])
+        p_ids = e.ids[:e.prompt_len]
+        out.append(Encoded(p_ids + c_ids, [-100] * len(p_ids) + c_ids, e.weight, (t.ids, t.labels)))
+    return out, info
 
 
 def training_data(cfg: DistillConfig, teacher: TeacherSetup, student: torch.nn.Module, tok, stages: list[Stage],
                   accelerator: Accelerator, console: Console) -> tuple[DataSetup, dict[str, list], dict | None]:
     """The run's data and its pools (``data``, and ``seq_kd``: the teacher's generations, cached): a top-k cache
-    brings its own examples (and the data config it was built over)."""
+    brings its own examples (and the data config it was built over). With ``cross_tokenizer`` every example also
+    carries its twin in the teacher's tokenization, and the held-out text is the teacher's own (when it has a
+    model)."""
     data_cfg = None
     if teacher.cache is not None:
         meta = teacher.cache.manifest.get("meta", {})
@@ -338,24 +405,41 @@ def training_data(cfg: DistillConfig, teacher: TeacherSetup, student: torch.nn.M
             from distillarena.train.config import DataConfig
 
             data_cfg = DataConfig.model_validate(meta["data_config"])
+    cross = cfg.cross_tokenizer is not None and teacher.tokenizer is not None
+    pair = TokenizerPair.of(tok, teacher.tokenizer) if cross else None
+    teacher_tok = teacher.tokenizer if cross else None
     max_len = max_length_of(cfg, student, teacher.model.model if teacher.model else None)
     if teacher.cache is not None:
         train_pool = [Encoded(ids, labels, w) for (ids, labels), w in
                       zip(teacher.cache.examples, teacher.cache.weights, strict=True)]
+        if pair is not None:
+            train_pool = [_student_twin(pair, e) for e in train_pool]
         too_long = max((len(e.ids) for e in train_pool), default=0)
         if too_long > max_len:
             raise UserError(f"the cache holds a sequence of {too_long} tokens, longer than the student's context "
                             f"of {max_len}")
-        data = build_data(cfg, tok, max_len, data_cfg)
+        data = build_data(cfg, tok, max_len, data_cfg, teacher_tok)
         data.train = train_pool
         data.description = f"the top-k cache's {len(train_pool)} examples"
     else:
-        data = build_data(cfg, tok, max_len)
+        data = build_data(cfg, tok, max_len, teacher_tok=teacher_tok)
     check_generation_fits(data, stages, cfg.max_new_tokens)
     pools = {"data": data.train}
     seq_kd_info = None
     if any(st.seq_kd for st in stages):
         if teacher.model is None:
             raise UserError("seq_kd needs a teacher model to generate completions")
-        pools["seq_kd"], seq_kd_info = seq_kd_pool(teacher.model, data.train, cfg, accelerator, console)
+        if pair is not None:
+            pools["seq_kd"], seq_kd_info = _teacher_text(pair, teacher.model, data.train, cfg, accelerator, console)
+        else:
+            pools["seq_kd"], seq_kd_info = seq_kd_pool(teacher.model, data.train, cfg, accelerator, console)
+    if pair is not None and teacher.model is not None and data.heldout:
+        data.heldout, _ = _teacher_text(pair, teacher.model, data.heldout, cfg, accelerator, console)
     return data, pools, seq_kd_info
+
+
+def teacher_access(cfg: DistillConfig, teacher: TeacherSetup, tok) -> Any:
+    """What the loss reads: the teacher's access, lined up with the student's tokenization if it has another."""
+    if cfg.cross_tokenizer is None or teacher.tokenizer is None or teacher.access.kind == "text":
+        return teacher.access
+    return CrossTokenizerTeacher(teacher.access, tok, teacher.tokenizer, pairing=cfg.cross_tokenizer.pairing)
