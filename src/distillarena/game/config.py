@@ -177,10 +177,12 @@ class AttackerConfig(Strict):
 
 
 class GamePrompts(Strict):
-    """The attacker's prompt pool: ``pool`` distinct train-split problems; it queries the first ``budget``."""
+    """The attacker's prompt pool: ``pool`` distinct train-split problems; it queries the first ``budget``. The
+    default attacks 2-operation problems: the base student mostly fails them and the teacher mostly solves them, so
+    the traces have capability to give (docs/decisions.md, "A game with room to learn")."""
 
     pool: int = Field(2048, ge=1)
-    n_ops: list[int] = Field(default_factory=lambda: [1, 2])
+    n_ops: list[int] = Field(default_factory=lambda: [2])
     seed: int = 0
 
 
@@ -194,8 +196,11 @@ class GameTrainConfig(ScheduleConfig):
 
 
 class GameEvalConfig(Strict):
-    n_problems: int = Field(200, ge=1, description="test problems for student accuracy (greedy)")
-    difficulties: list[int] = Field(default_factory=lambda: [1, 2])
+    """The students' test: the same problems for every cell (so effects are paired by problem); 1,000 of them keep
+    the standard error of a paired accuracy difference near 0.015."""
+
+    n_problems: int = Field(1000, ge=1, description="test problems for student accuracy (greedy)")
+    difficulties: list[int] = Field(default_factory=lambda: [2])
     max_new_tokens: int = Field(64, ge=1)
     entropy_problems: int = Field(64, ge=0, description="test problems for per-position entropies (0: none)")
 

@@ -63,17 +63,17 @@ def _demo_distill_defaults() -> dict[str, Any]:
 
 
 def demo_game() -> GameConfig:
-    """The demo's game: no defense, one temperature and one PoE strength (of about the same teacher utility, so
-    the two can be compared), passive and adaptive students, one seed, sized to run in about two minutes (the
-    teacher is the demo's own: ``teacher`` is filled in from it). The adaptive student's beta is 0.5, not 1: at beta 1
-    a few traces carry most of the weight and the recovery can be undefined (docs/decisions.md, "The demo's adaptive
+    """The demo's game: no defense, one temperature and one PoE strength, passive and adaptive students, one seed,
+    2-operation prompts and 1,000 2-operation test problems (where the base student has room to learn), sized to run
+    in about three minutes (the teacher is the demo's own: ``teacher`` is filled in from it). The adaptive student's
+    beta is 0.5, not 1: at beta 1 a few traces carry most of the weight (docs/decisions.md, "The demo's adaptive
     beta")."""
     return GameConfig(
         defenses=[GameDefense(kind="temperature", strengths=[{"temperature": 1.6}]),
                   GameDefense(kind="poe", strengths=[{"gamma": 0.5}])],
         attackers=[AttackerConfig(kind="passive"), AttackerConfig(kind="adaptive", beta=0.5)],
-        seeds=[0], budget=512, prompts=GamePrompts(pool=1024),
-        train=GameTrainConfig(steps=100), eval=GameEvalConfig(n_problems=400, entropy_problems=32),
+        seeds=[0], budget=1024, prompts=GamePrompts(pool=2048),
+        train=GameTrainConfig(steps=200), eval=GameEvalConfig(entropy_problems=32),
         oracle=OracleConfig(n_traces=16, lr=1e-3))
 
 
