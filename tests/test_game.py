@@ -114,6 +114,14 @@ def test_sweep_caches_cells_and_resumes_after_a_crash(models, tmp_path, monkeypa
     assert adaptive["proxy_forwards_per_token"] == 1 and adaptive["teacher_kl"] > 0
     values = json.loads((whole / "cells" / adaptive["key"] / "values.json").read_text())
     assert len(values["values"]) == 6 and sum(values["weights"]) == pytest.approx(6.0)
+    # per-problem outcomes are stored, and every effect comes with its interval
+    assert all(len(r["student_correct"]) == 3 and set(r["student_correct"]) <= {"0", "1"} for r in rows)
+    assert set(summary["undefended_gain"]) == {"passive", "adaptive(beta=1)"}
+    for gain in summary["undefended_gain"].values():
+        assert set(gain) == {"mean", "ci_low", "ci_high", "n"} and gain["ci_low"] <= gain["mean"] <= gain["ci_high"]
+    for s in summary["rows"]:
+        assert s["gain"]["n"] == 3 and "unstable" in s["recovery_ci"]
+    assert 0 <= summary["multimodality"]["multimodal_share"] <= 1
 
     # a rerun computes nothing
     calls = []

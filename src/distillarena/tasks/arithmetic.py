@@ -104,7 +104,7 @@ class Problem:
 
     tree: Node
     style: str = "symbolic"  # "symbolic" ("What is 2*3+4?") or "words" (verbal expression)
-    commute: float = 0.0  # probability that a random solution writes a + or * step with its operands swapped
+    commute: float = 0.0  # probability that a random solution writes its first step (+ or *) as "b+a"
 
     @property
     def expression(self) -> str:
@@ -152,9 +152,12 @@ class Problem:
 
     @property
     def n_solutions(self) -> int:
-        """Distinct valid chains of thought: step orders, times two per + or * step when operands may be swapped."""
-        swappable = sum(n.op in COMMUTATIVE for n in _operation_nodes(self.tree)) if self.commute > 0 else 0
-        return len(self.step_orders) * 2 ** swappable
+        """Distinct valid chains of thought: the step orders, each twice when operands may be swapped and its first
+        step is a + or a *."""
+        if self.commute <= 0:
+            return len(self.step_orders)
+        nodes = _operation_nodes(self.tree)
+        return sum(2 if nodes[order[0]].op in COMMUTATIVE else 1 for order in self.step_orders)
 
     def solution(self, order: tuple[int, ...] | None = None, swapped: frozenset[int] = frozenset()) -> str:
         """The chain of thought for one step order (the first valid order when ``order`` is None), writing the
@@ -181,8 +184,10 @@ class Problem:
         order = rng.choice(self.step_orders)
         if self.commute <= 0:  # (no draw at all: the data of a world without swaps is what it always was)
             return self.solution(order)
-        nodes = _operation_nodes(self.tree)
-        swapped = frozenset(i for i, n in enumerate(nodes) if n.op in COMMUTATIVE and rng.random() < self.commute)
+        # only the first step's operands: a choice at the very first completion token (like the step order's),
+        # after which the chain is the canonical one (swapping every step made the task much harder to learn:
+        # docs/decisions.md, "A second mode on every prompt")
+        swapped = frozenset({order[0]}) if rng.random() < self.commute else frozenset()
         return self.solution(order, swapped)
 
     @property
@@ -216,7 +221,7 @@ class ArithmeticConfig:
     min_value: int = 10  # every intermediate value stays in [min_value, max_value]
     max_value: int = 99
     word_fraction: float = 0.0  # share of problems rendered as verbal expressions
-    commute: float = 0.0  # probability that a training solution writes a + or * step as "b+a" (a second mode)
+    commute: float = 0.0  # probability that a training solution writes its first step (+ or *) as "b+a": a second mode
 
     def __post_init__(self) -> None:
         if not 0 <= self.add_min <= self.add_max or not 0 <= self.min_value <= self.max_value or self.mul_max < 2:

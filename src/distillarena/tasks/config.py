@@ -18,8 +18,8 @@ class TaskConfig(Strict):
     min_value: int = Field(10, ge=0)
     max_value: int = Field(99, ge=10)
     word_fraction: float = Field(0.0, ge=0.0, le=1.0)
-    commute: float = Field(0.5, ge=0.0, le=1.0, description="probability that a training solution writes a + or * "
-                           "step with its operands swapped: every such step is then a choice between two modes")
+    commute: float = Field(0.5, ge=0.0, le=1.0, description="probability that a training solution writes its first "
+                           "step (a + or a *) with the operands swapped: a choice between two modes at the first token")
 
     @field_validator("n_ops")
     @classmethod
