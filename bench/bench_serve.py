@@ -8,7 +8,8 @@ Setup: a random-init ``--teacher`` preset (default ``base``, 2.4M parameters) wi
 disabled so every request generates exactly ``--max-tokens`` tokens; PoE uses a random-init ``tiny`` proxy with
 gamma 0.5. Each server runs in its own process (uvicorn on 127.0.0.1, a free port, ``--threads`` torch threads)
 so the clients' Python does not share its GIL; two servers, both up for the whole run: *batched*
-(``max_batch_size`` 16, ``max_wait_ms`` ``--wait-ms``) and *one by one* (``max_batch_size`` 1). Clients are
+(``max_batch_size`` 16, ``max_wait_ms`` ``--wait-ms``) and *one by one* (``max_batch_size`` 1, ``max_running``
+1). Clients are
 threads of this process, each with a keep-alive HTTP connection, sending chat completions back to back
 (temperature 1, a different arithmetic prompt each time) after a warm-up. Per cell: requests/s, completion
 tokens/s, p50 and p99 latency as the client sees it, and the server process's CPU time per request (steadier than
@@ -17,6 +18,13 @@ run of each counts.
 
 The ledger part times the store alone: one ``reserve`` + ``settle`` (with its ledger row) per request, SQLite
 synchronous NORMAL and FULL, from 1 and 16 threads; and compares it with the p50 request latency.
+
+``--stream`` measures streaming instead (writes ``serve-stream.json``): time to first token against the whole
+request for ``--stream-tokens`` (250) token chat completions with ``stream: true``, through the official ``openai``
+client (one client object per thread), at 16 and 64 concurrent clients, against one server with ``max_batch_size``
+64 (every client's request fits one batch; with fewer rows than clients a request waits for a running batch to
+finish before its first token). Per cell: p50 / p99 of the time to the first content chunk, of the whole request,
+and of their ratio per request.
 
 The machine is shared: the JSON records the load average before and after.
 """
@@ -134,6 +142,111 @@ def run_cell(port: int, token: str, clients: int, per_client: int, max_tokens: i
             "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]}
 
 
+def stream_cell(port: int, token: str, clients: int, per_client: int, max_tokens: int) -> dict:
+    import openai
+
+    ttfts: list[float] = []
+    totals: list[float] = []
+    ratios: list[float] = []
+    tokens = [0]
+    errors = [0]
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients + 1)
+
+    def client(c: int) -> None:
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=token, max_retries=0, timeout=600)
+
+        def one(i: int) -> tuple[float | None, float, int]:
+            t0 = time.perf_counter()
+            first, n = None, 0
+            stream = api.chat.completions.create(
+                model="teacher", max_tokens=max_tokens, temperature=1.0, stream=True,
+                messages=[{"role": "user", "content": f"What is {c * 97 + i}+{i * 13}*{c}?"}])
+            for chunk in stream:
+                for ch in chunk.choices:
+                    if ch.delta.content is not None and ch.finish_reason is None and ch.delta.role is None:
+                        n += 1
+                        if first is None:
+                            first = time.perf_counter() - t0
+            return first, time.perf_counter() - t0, n
+
+        one(-1)  # warm-up
+        barrier.wait()
+        for i in range(per_client):
+            try:
+                first, total, n = one(i)
+            except openai.OpenAIError:
+                with lock:
+                    errors[0] += 1
+                continue
+            with lock:
+                if first is not None:
+                    ttfts.append(first)
+                    ratios.append(first / total)
+                totals.append(total)
+                tokens[0] += n
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+
+    def pct(xs: list[float], q: float) -> float:
+        if q == 0.5:
+            return statistics.median(xs)
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+    return {"clients": clients, "requests": len(totals), "errors": errors[0], "wall_s": wall,
+            "tokens_per_s": tokens[0] / wall, "ttft_p50_ms": 1000 * pct(ttfts, 0.5),
+            "ttft_p99_ms": 1000 * pct(ttfts, 0.99), "total_p50_ms": 1000 * pct(totals, 0.5),
+            "total_p99_ms": 1000 * pct(totals, 0.99), "ttft_share_p50": pct(ratios, 0.5),
+            "ttft_share_p99": pct(ratios, 0.99)}
+
+
+def bench_stream(args) -> None:
+    from distillarena.serve.store import Store
+
+    load_before = os.getloadavg()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        teacher, _ = save_models(root, args.teacher)
+        store_path = root / "store.sqlite"
+        with Store(store_path) as store:
+            token = store.create_key("stream")[0]
+        cfg = {"model": str(teacher), "model_name": "teacher", "store": str(store_path), "port": 0,
+               "max_tokens_cap": args.stream_tokens, "max_n": 1,
+               "batching": {"max_batch_size": 64, "max_wait_ms": args.wait_ms, "max_running": args.max_running}}
+        server = Server(cfg, args.threads)
+        try:
+            for clients in (16, 64):
+                cell = stream_cell(server.port, token, clients, args.stream_rounds, args.stream_tokens)
+                rows.append(cell)
+                print(f"stream, {clients} clients: time to first token p50 {cell['ttft_p50_ms']:.0f} ms, p99 "
+                      f"{cell['ttft_p99_ms']:.0f} ms; whole request p50 {cell['total_p50_ms']:.0f} ms, p99 "
+                      f"{cell['total_p99_ms']:.0f} ms; first token / whole per request p50 "
+                      f"{100 * cell['ttft_share_p50']:.1f}%, p99 {100 * cell['ttft_share_p99']:.1f}% "
+                      f"({cell['requests']} requests, {cell['tokens_per_s']:.0f} tokens/s, {cell['errors']} errors)",
+                      flush=True)
+        finally:
+            server.close()
+    load_after = os.getloadavg()
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "serve-stream.json"
+    out.write_text(json.dumps({
+        "bench": "serve-stream", "args": vars(args), "machine": {"platform": platform.platform(),
+                                                                 "cpus": os.cpu_count(), "load_before": load_before,
+                                                                 "load_after": load_after},
+        "rows": rows, "time": time.time()}, indent=2) + "\n")
+    print(f"written {out}")
+
+
 def bench_ledger(root: Path, n: int) -> list[dict]:
     from distillarena.serve.store import Store
     from distillarena.serve.testing import FAST_KDF
@@ -178,7 +291,14 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=None, help="requests per cell (default 64, quick 24)")
     ap.add_argument("--repeats", type=int, default=None, help="runs of each cell, the best counts (default 2, "
                     "quick 1)")
+    ap.add_argument("--stream", action="store_true", help="measure streaming (time to first token) instead")
+    ap.add_argument("--stream-tokens", type=int, default=250)
+    ap.add_argument("--stream-rounds", type=int, default=2, help="streamed requests per client")
+    ap.add_argument("--max-running", type=int, default=8, help="batches generating at once (streaming server)")
     args = ap.parse_args()
+    if args.stream:
+        bench_stream(args)
+        return
     per_cell = args.requests or (24 if args.quick else 64)
     args.repeats = args.repeats or (1 if args.quick else 2)
     load_before = os.getloadavg()
@@ -198,7 +318,8 @@ def main() -> None:
             for mode, batch in (("batched", 16), ("one-by-one", 1)):
                 cfg = {"model": str(teacher), "model_name": "teacher", "proxy": str(proxy),
                        "store": str(store_path), "port": 0, "max_tokens_cap": args.max_tokens, "max_n": 1,
-                       "batching": {"max_batch_size": batch, "max_wait_ms": args.wait_ms}}
+                       "batching": {"max_batch_size": batch, "max_wait_ms": args.wait_ms,
+                                    "max_running": 1 if batch == 1 else 8}}
                 servers[mode] = Server(cfg, args.threads)
             cells = [(mode, defense, clients) for defense in ("none", "poe") for clients in (1, 4, 16)
                      for mode in ("batched", "one-by-one") if not (mode == "one-by-one" and clients == 4)]

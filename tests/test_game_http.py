@@ -86,7 +86,9 @@ HOLDOUT_TRACES = 8
 DEFENSES_PLAYED = [
     {"kind": "poe", "strengths": [{"gamma": 0.5}]},
     {"kind": "truncation", "strengths": [{"top_k": 5, "temperature": 1.5}]},
-    {"kind": "antidistillation", "strengths": [{"lam": 0.5, "temperature": 1.5}], "holdout_traces": HOLDOUT_TRACES},
+    # the server is given the reference-solution gradient file (proxy_gradient above), so the game uses that holdout
+    {"kind": "antidistillation", "strengths": [{"lam": 0.5, "temperature": 1.5}], "holdout_traces": HOLDOUT_TRACES,
+     "holdout": "reference"},
 ]
 
 
@@ -105,12 +107,15 @@ def game_config(paths, api=None, **over):
     return GameConfig.model_validate(data)
 
 
-def keys_for(srv, played):
-    """One key per defense the sweep plays (the undefended one too), each with that defense as its policy."""
+def keys_for(srv, played, decoding=None):
+    """One key per defense the sweep plays (the undefended one too), each with that defense laid over the game's
+    decoding (temperature 0.7, top-p 0.95 by default) as its policy, as a provider would configure it."""
+    decoding = GameConfig().decoding if decoding is None else decoding
     keys = []
     for kind, params in [("none", {})] + [(d["kind"], p) for d in played for p in d["strengths"]]:
-        token, _ = srv.store.create_key(kind, policy=PolicyConfig(defense=kind, params=params, max_top_logprobs=3))
-        keys.append({"key": token, "defense": kind, "params": params})
+        policy = decoding.under(params)
+        token, _ = srv.store.create_key(kind, policy=PolicyConfig(defense=kind, params=policy, max_top_logprobs=3))
+        keys.append({"key": token, "defense": kind, "params": policy})
     return keys
 
 
@@ -159,10 +164,11 @@ def test_a_sweep_over_http_gives_the_same_numbers_as_in_process(world, tmp_path)
     # and each key applied its own defense: the same seeds sample other tokens than the undefended key's
     plain = traces(tmp_path / "http", b[("none", "passive")])
     assert [r["tokens"] for r in plain] != [r["tokens"] for r in recs]
-    # the ledger labels each key's requests with the game's label of its defense
+    # the ledger labels each key's requests with its policy: the defense over the game's decoding
     labels = {row["defense"] for k in srv.store.list_keys() for row in srv.store.ledger_rows(k.id)}
-    assert {"none", "poe(gamma=0.5)", "truncation(temperature=1.5, top_k=5)",
-            "antidistillation(lam=0.5, temperature=1.5)"} <= labels
+    assert {"none(temperature=0.7, top_p=0.95)", "poe(gamma=0.5, temperature=0.7, top_p=0.95)",
+            "truncation(temperature=1.5, top_k=5, top_p=0.95)",
+            "antidistillation(lam=0.5, temperature=1.5, top_p=0.95)"} <= labels
 
 
 def test_http_config_errors(world, tmp_path):

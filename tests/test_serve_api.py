@@ -4,6 +4,7 @@ openai client, raw HTTP for what the client would not send."""
 import http.client
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -116,7 +117,7 @@ def test_openai_client_completes_chats_streams_and_reads_logprobs(server):
     assert usage.completion_tokens == r1.usage.completion_tokens
 
 
-def test_stream_ledger_row_is_committed_before_the_first_byte(server):
+def test_stream_is_billed_and_ledgered_before_the_first_byte_and_refunded_at_the_end(server):
     token, rec = key(server)
     req = urllib.request.Request(server.base_url + "/chat/completions",
                                  data=json.dumps({**CHAT, "stream": True, "n": 2}).encode(),
@@ -125,14 +126,20 @@ def test_stream_ledger_row_is_committed_before_the_first_byte(server):
         assert r.headers["content-type"].startswith("text/event-stream")
         first = r.readline()
         assert first.startswith(b"data: {")
-        rows = server.store.ledger_rows(rec.id)
+        rows = server.store.ledger_rows(rec.id)  # committed, and the whole reservation billed, before the first byte
         assert len(rows) == 1 and rows[0]["status"] == 200 and rows[0]["stream"] == 1
+        assert rows[0]["billed_tokens"] == rows[0]["reserved_tokens"] == 2 * 6
         rest = r.read().decode()
     events = [line[6:] for line in (first.decode() + rest).splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert {c["choices"][0]["index"] for c in chunks} == {0, 1}
-    assert rows[0]["completion_tokens"] == server.store.get_key(rec.id).tokens_used > 0
+    for _ in range(100):  # the refund is committed right after the last event
+        row = server.store.ledger_rows(rec.id)[0]
+        if row["billed_tokens"] == row["completion_tokens"]:
+            break
+        time.sleep(0.05)
+    assert row["completion_tokens"] == row["billed_tokens"] == server.store.get_key(rec.id).tokens_used > 0
 
 
 def test_stop_strings_and_greedy(server):
@@ -274,6 +281,7 @@ def test_spent_budget_says_do_not_retry(server):
 def test_missing_wrong_and_revoked_keys(server):
     token, rec = key(server)
     before = server.store.ledger_count()
+    rejected_before = sum(r["count"] for r in server.store.rejections())
     s, _, body = post(server, "/chat/completions", CHAT)
     assert_error(s, body, 401)
     assert body["error"]["code"] == "missing_api_key"
@@ -290,14 +298,15 @@ def test_missing_wrong_and_revoked_keys(server):
     assert_error(s, body, 403)
     with pytest.raises(openai.PermissionDeniedError):
         client(server, token).models.list()
-    assert server.store.ledger_count() == before + 6  # every request has its row (models.list is not ledgered)
-    # a row names the key only once the token is proven (a wrong secret could be anyone's guess of a key id)
+    # a request without a valid key is counted, not written as a row of its own (a flood costs no commit each); a
+    # row names a key only once the token is proven (a wrong secret could be anyone's guess of a key id)
+    assert server.store.ledger_count() == before + 1
     assert [r["status"] for r in server.store.ledger_rows(rec.id)] == [403]
-
-
+    # the five 401s, and the revoked key on /v1/models (not a generation endpoint: no ledger row there)
+    assert sum(r["count"] for r in server.store.rejections()) == rejected_before + 6
 @pytest.mark.parametrize("path,body,param", [
     ("/chat/completions", {**CHAT, "max_tokens": CAP + 1}, "max_tokens"),
-    ("/chat/completions", {**CHAT, "max_completion_tokens": 10_000}, "max_tokens"),
+    ("/chat/completions", {**CHAT, "max_completion_tokens": 10_000}, "max_completion_tokens"),
     ("/completions", {"model": "tiny-teacher", "prompt": "x" * 600, "max_tokens": 4}, "prompt"),
     ("/completions", {"model": "tiny-teacher", "prompt": "x" * 495, "max_tokens": CAP}, "max_tokens"),
     ("/completions", {"model": "tiny-teacher", "prompt": [1] * 512, "max_tokens": 1}, "prompt"),
@@ -320,7 +329,11 @@ def test_missing_wrong_and_revoked_keys(server):
     ("/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, "tools"),
     ("/completions", {"model": "tiny-teacher", "prompt": [10**9], "max_tokens": 1}, "prompt"),
     ("/completions", {"model": "tiny-teacher", "prompt": [], "max_tokens": 1}, "prompt"),
-    ("/completions", {"model": "tiny-teacher", "prompt": "hi", "echo": True}, "echo"),
+    ("/chat/completions", {**CHAT, "echo": True}, "echo"),
+    ("/completions", {"model": "tiny-teacher", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ("/completions", {"model": "tiny-teacher", "prompt": "hi", "echo": True, "logprobs": 1, "stream": True}, "echo"),
+    ("/completions", {"model": "tiny-teacher", "prompt": "hi", "prompt_logprobs": 6}, "prompt_logprobs"),
+    ("/chat/completions", {**CHAT, "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ("/completions", {"model": "tiny-teacher", "max_tokens": 1}, "prompt"),
     ("/completions", {"model": "tiny-teacher", "prompt": "hi", "seed": 2**70}, "seed"),
 ])

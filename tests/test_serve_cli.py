@@ -32,9 +32,10 @@ def test_keys_create_list_revoke_and_ledger(tmp_path, capsys):
     out = capsys.readouterr()
     token = out.out.strip()
     assert token.startswith("da-") and "shown only this once" in out.err and "poe(gamma=0.25)" in out.err
-    run("keys", "create", "--store", store, "--no-logprobs", "--json")
+    run("keys", "create", "--store", store, "--no-logprobs", "--json", "--count-prompt-tokens", "--tokens", 900)
     created = json.loads(capsys.readouterr().out)
     assert created["policy"]["logprobs"] is False and created["token"].startswith("da-")
+    assert created["count_prompt"] is True and created["max_completion_tokens"] == 900
     with Store(store) as s:
         alice = s.authenticate(token)
     assert (alice.name, alice.max_completion_tokens, alice.max_requests, alice.rate_per_minute) == \
@@ -115,8 +116,11 @@ def test_serve_command_runs_until_interrupted(tmp_path, task_tok):
             except OSError:
                 time.sleep(0.1)
         assert health is not None and health["model"] == "tiny"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health?api_key=da-0123456789ab-leaked", timeout=10):
+            pass
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     assert "serving tiny on" in out and "create one with `distillarena keys create`" in out
+    assert '"GET /health HTTP/1.1" 200' in out and "leaked" not in out  # the access log drops the query string
     assert proc.returncode in (0, -signal.SIGINT)

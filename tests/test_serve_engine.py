@@ -5,6 +5,7 @@ import threading
 import pytest
 import torch
 
+from distillarena.core.errors import UserError
 from distillarena.serve.config import PolicyConfig, ServeConfig
 from distillarena.serve.engine import Engine, GenJob, ServerMisconfigured, TokenTable
 from distillarena.serve.testing import save_tiny_model
@@ -67,21 +68,32 @@ def test_defenses_change_the_sampled_distribution(engine):
     p = prompt(engine)
     base = engine.generate(GenJob([p], n=1, max_tokens=6, temperature=0.0, logprobs=3, all_tokens=True),
                            60).sequences[0]
-    top1 = engine.generate(GenJob([p], n=1, max_tokens=6, temperature=0.0, logprobs=3,
-                                  policy=PolicyConfig(defense="truncation", params={"top_k": 1})), 60).sequences[0]
-    assert top1.token_ids == base.token_ids  # greedy is the same under a top-1 truncation...
-    assert all(t[0][1] == 0.0 and t[1][1] == -9999.0 for t in top1.top)  # ...but it reveals a point mass
-    poe = engine.generate(GenJob([p], n=1, max_tokens=6, temperature=0.0, logprobs=3,
-                                 policy=PolicyConfig(defense="poe", strength=1.0)), 60).sequences[0]
+
+    def defended(policy, **kw):
+        job = GenJob([p], n=1, max_tokens=6, temperature=1.0, seed=3, logprobs=3, all_tokens=True, policy=policy)
+        for k, v in kw.items():
+            setattr(job, k, v)
+        return engine.generate(job, 60).sequences[0]
+
+    top1 = defended(PolicyConfig(defense="truncation", params={"top_k": 1}))
+    assert top1.token_ids == base.token_ids  # sampling a top-1 truncation is the teacher's greedy answer...
+    assert all(t[0][1] == 0.0 and t[1][1] == -9999.0 for t in top1.top)  # ...and it reveals a point mass
+    poe = defended(PolicyConfig(defense="poe", strength=1.0))
     proxy_alone = Engine(engine.proxy, engine.tokenizer).start()
     try:
-        ref = proxy_alone.generate(GenJob([p], n=1, max_tokens=6, temperature=0.0), 60).sequences[0]
+        ref = proxy_alone.generate(GenJob([p], n=1, max_tokens=6, temperature=1.0, seed=3, logprobs=3,
+                                          all_tokens=True), 60).sequences[0]
     finally:
         proxy_alone.close()
-    assert poe.token_ids == ref.token_ids  # gamma = 1: the proxy's own greedy answer
-    hot = engine.generate(GenJob([p], n=1, max_tokens=6, temperature=0.0, logprobs=3, all_tokens=True,
-                                 policy=PolicyConfig(defense="temperature", strength=4.0)), 60).sequences[0]
-    assert hot.token_ids == base.token_ids and hot.logprobs[0] < base.logprobs[0]  # flatter, same argmax
+    assert poe.token_ids == ref.token_ids  # gamma = 1: the proxy's own distribution
+    assert poe.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+    hot = defended(PolicyConfig(defense="temperature", strength=4.0))
+    assert hot.top[0][0][0] == base.top[0][0][0] and hot.top[0][0][1] < base.top[0][0][1]  # flatter, same argmax
+    # a defended key's distribution is the sharpest a job gets: no greedy, no temperature below 1, no top_p
+    for policy in (PolicyConfig(defense="temperature", strength=4.0), PolicyConfig(defense="poe", strength=1.0)):
+        for kw in ({"temperature": 0.0}, {"temperature": 0.5}, {"top_p": 0.9}):
+            with pytest.raises(UserError, match="fixes its sampling distribution"):
+                defended(policy, **kw)
 
 
 def test_antidistillation_policy(dirs, tmp_path):
@@ -96,10 +108,12 @@ def test_antidistillation_policy(dirs, tmp_path):
     policy = PolicyConfig(defense="antidistillation", strength=50.0)
     with Engine.from_config(cfg) as e:
         p = prompt(e)
-        a = e.generate(GenJob([p], n=1, max_tokens=5, temperature=0.7, seed=1, logprobs=2, policy=policy), 60)
-        b = e.generate(GenJob([p], n=1, max_tokens=5, temperature=0.7, seed=1, logprobs=2), 60)
-        g = e.generate(GenJob([p], n=1, max_tokens=5, temperature=0.0, policy=policy), 60)
-    assert a.sequences[0].logprobs != b.sequences[0].logprobs and len(g.sequences[0].token_ids) == 5
+        a = e.generate(GenJob([p], n=1, max_tokens=5, temperature=1.0, seed=1, logprobs=2, policy=policy), 60)
+        b = e.generate(GenJob([p], n=1, max_tokens=5, temperature=1.0, seed=1, logprobs=2), 60)
+        for t in (0.0, 0.7, 1.5):  # the processor's own temperature is the policy's: a job cannot change it
+            with pytest.raises(UserError, match="only 1 is"):
+                e.generate(GenJob([p], n=1, max_tokens=5, temperature=t, policy=policy), 60)
+    assert a.sequences[0].logprobs != b.sequences[0].logprobs
     with Engine.from_config(ServeConfig(model=str(teacher))) as e, pytest.raises(ServerMisconfigured, match="proxy"):
         e.check_policy(PolicyConfig(defense="poe"))
 
@@ -125,3 +139,52 @@ def test_jobs_waiting_at_shutdown_are_failed_not_lost(dirs):
     assert done.wait(60)
     for f in futures:
         assert f.done()  # answered, or failed with EngineClosed: never left hanging
+
+
+def test_sampler_additions_change_nothing_for_existing_callers(engine):
+    """``on_step``, ``reveal_from="processed"`` and ``force`` are additive: without them (and with an observer) the
+    sampler returns bit for bit what it returned before; forced along its own sample it scores the same values."""
+    from distillarena.decoding import sample
+
+    p = prompt(engine)
+    ids = torch.tensor([p, p])
+
+    def run(**kw):
+        return sample(engine.model, ids, max_new_tokens=8, generator=torch.Generator().manual_seed(5), reveal=3, **kw)
+
+    plain = run()
+    steps = []
+    observed = run(on_step=steps.append)
+    processed = run(reveal_from="processed")
+    for field in ("tokens", "logprobs", "teacher_logprobs", "kl", "top_ids", "top_logprobs"):
+        assert torch.equal(getattr(plain, field), getattr(observed, field)), field
+        assert torch.equal(getattr(plain, field), getattr(processed, field)), field  # temperature 1: the same
+    assert len(steps) == plain.steps and torch.equal(torch.stack([s.tokens for s in steps], 1), plain.tokens)
+    assert torch.equal(plain.reveal_logprobs, plain.logprobs)
+    forced = sample(engine.model, ids, max_new_tokens=8, temperature=0.0, reveal=3, reveal_from="processed",
+                    force=plain.tokens.masked_fill(~plain.mask, -1))
+    assert torch.equal(forced.tokens[plain.mask], plain.tokens[plain.mask])
+    assert torch.allclose(forced.reveal_logprobs[plain.mask], plain.logprobs[plain.mask], atol=1e-5)
+
+
+def test_a_stream_gets_its_tokens_while_the_batch_is_sampled(engine):
+    p = prompt(engine)
+    seen = []
+    before = engine.batches
+
+    def on_delta(deltas):
+        seen.append((engine.batches, deltas))
+
+    job = GenJob([p], n=2, max_tokens=12, temperature=1.0, logprobs=2, on_delta=on_delta)  # no seed: shared
+    other = GenJob([prompt(engine, "7*8=")], n=1, max_tokens=12, temperature=1.0)
+    with engine.tracking(), engine.tracking():
+        futures = [engine.submit(job), engine.submit(other)]
+        res = futures[0].result(60)
+        futures[1].result(60)
+    assert res.batch_rows == 3  # batched with the other request, streaming or not
+    assert seen and seen[0][0] == before  # the first tokens came before the sampler call returned
+    for i, s in enumerate(res.sequences):  # and the pieces make up exactly the answer
+        deltas = [d for _, ds in seen for d in ds if d.index == i]
+        assert "".join(x for d in deltas for x in d.pieces) == s.text
+        assert [v for d in deltas for v in d.logprobs] == s.logprobs
+        assert [d.finish_reason for d in deltas if d.finish_reason] == [s.finish_reason]

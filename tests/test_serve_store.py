@@ -160,3 +160,96 @@ def test_store_location_is_a_setting(tmp_path, monkeypatch):
         Store(tmp_path / "junk.sqlite")
     with Store(tmp_path / "w.sqlite") as s:
         assert s._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_store_files_are_readable_by_their_owner_only(tmp_path):
+    path = tmp_path / "new" / "s.sqlite"
+    with Store(path, kdf=FAST_KDF) as s:
+        s.create_key("a")
+        files = [path, path.with_name("s.sqlite-wal"), path.with_name("s.sqlite-shm")]
+        assert all(f.exists() and f.stat().st_mode & 0o777 == 0o600 for f in files)
+    assert path.parent.stat().st_mode & 0o077 == 0
+    old = tmp_path / "old.sqlite"
+    Store(old, kdf=FAST_KDF).close()
+    old.chmod(0o644)  # a store from before: made private when it is opened
+    Store(old, kdf=FAST_KDF).close()
+    assert old.stat().st_mode & 0o777 == 0o600
+
+
+V1_SCHEMA = """
+CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE keys (id TEXT PRIMARY KEY, name TEXT NOT NULL, kdf TEXT NOT NULL, salt BLOB NOT NULL, hash BLOB NOT NULL,
+    created_at REAL NOT NULL, revoked_at REAL, policy TEXT NOT NULL, max_requests INTEGER,
+    max_completion_tokens INTEGER, rate_per_minute REAL, burst REAL, requests_used INTEGER NOT NULL DEFAULT 0,
+    requests_reserved INTEGER NOT NULL DEFAULT 0, tokens_used INTEGER NOT NULL DEFAULT 0,
+    tokens_reserved INTEGER NOT NULL DEFAULT 0, prompt_tokens_used INTEGER NOT NULL DEFAULT 0, bucket_tokens REAL,
+    bucket_at REAL);
+CREATE TABLE ledger (id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL, key_id TEXT, time REAL NOT NULL,
+    endpoint TEXT NOT NULL, model TEXT, prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0, reserved_tokens INTEGER NOT NULL DEFAULT 0,
+    n INTEGER NOT NULL DEFAULT 0, defense TEXT, status INTEGER NOT NULL, error_code TEXT, latency_ms REAL NOT NULL,
+    stream INTEGER NOT NULL DEFAULT 0);
+INSERT INTO meta VALUES ('schema', '1');
+"""
+
+
+def test_a_store_of_schema_version_1_is_upgraded_in_place(tmp_path):
+    import hashlib
+    import json
+
+    path = tmp_path / "v1.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(V1_SCHEMA)
+    salt = b"0" * 16
+    digest = hashlib.scrypt(b"secret", salt=salt, n=1024, r=8, p=1, maxmem=2**27, dklen=32)
+    policy = {"defense": "top_k", "strength": 5.0, "logprobs": True, "max_top_logprobs": 3, "decimals": 2,
+              "noise_std": 0.0}  # the policy format of the first stores
+    conn.execute("INSERT INTO keys (id, name, kdf, salt, hash, created_at, policy, max_completion_tokens, tokens_used) "
+                 "VALUES ('0123456789ab', 'old', 'scrypt:1024:8:1', ?, ?, 1.0, ?, 100, 7)",
+                 (salt, digest, json.dumps(policy)))
+    conn.execute("INSERT INTO ledger (request_id, key_id, time, endpoint, prompt_tokens, completion_tokens, status, "
+                 "latency_ms) VALUES ('r', '0123456789ab', 1.0, 'completions', 5, 7, 200, 1.0)")
+    conn.execute("INSERT INTO ledger (request_id, key_id, time, endpoint, prompt_tokens, completion_tokens, status, "
+                 "latency_ms) VALUES ('s', '0123456789ab', 2.0, 'completions', 9, 0, 400, 1.0)")
+    conn.commit()
+    conn.close()
+    with Store(path) as s:
+        rec = s.authenticate("da-0123456789ab-secret")
+        assert rec.policy == PolicyConfig(defense="truncation", params={"top_k": 5}, max_top_logprobs=3, decimals=2)
+        assert (rec.tokens_used, rec.max_completion_tokens, rec.count_prompt) == (7, 100, False)
+        assert [r["billed_tokens"] for r in s.ledger_rows()] == [7, 0]
+        totals = s.totals()[0]
+        assert totals["prompt_tokens"] == 5 and totals["billed_tokens"] == 7  # the refused request's prompt not counted
+        assert s._conn().execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()[0] == "2"
+        key = s.noise_key(rec.policy)
+    with Store(path) as s:  # the noise secret is the store's: the same after a restart
+        assert s.noise_key(rec.policy) == key
+
+
+def test_wrong_secrets_cost_no_scrypt_once_a_key_is_proven_and_unproven_ones_are_budgeted(tmp_path, monkeypatch):
+    from distillarena.serve import store as store_module
+
+    calls = []
+    real = store_module._kdf
+    monkeypatch.setattr(store_module, "_kdf", lambda *a: calls.append(1) or real(*a))
+    with Store(tmp_path / "s.sqlite", kdf=FAST_KDF, kdf_share=0.01, kdf_burst_s=0.05) as s:
+        token, rec = s.create_key("a")
+        _, other = s.create_key("b")
+        calls.clear()
+        assert s.authenticate(token).id == rec.id and len(calls) == 1
+        for i in range(200):  # wrong secrets for a proven key id: compared in microseconds, never hashed
+            with pytest.raises(Rejected) as e:
+                s.authenticate(f"da-{rec.id}-wrong{i}")
+            assert e.value.status == 401
+        assert s.authenticate(token).id == rec.id and len(calls) == 1
+        statuses = []
+        for i in range(400):  # wrong secrets for a key not yet proven: scrypt, within its budget, then 429
+            try:
+                s.authenticate(f"da-{other.id}-wrong{i}")
+            except Rejected as r:
+                statuses.append(r.status)
+        hashed = len(calls) - 1
+        assert statuses.count(429) > 0 and statuses.count(401) == hashed < 400
+        with pytest.raises(Rejected) as e:
+            s.authenticate(f"da-{other.id}-wrong0")  # a token already refused: remembered, not hashed again
+        assert e.value.status == 401 and len(calls) - 1 == hashed

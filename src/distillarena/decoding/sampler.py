@@ -18,11 +18,17 @@ undefended distribution, measured on the defended teacher's own samples" (:meth:
 
 Sequences stop on an EOS id or when their generated text contains a stop string; a finished sequence keeps its
 batch slot (it is fed pad tokens, exactly as in ``generate``) and the loop ends when every sequence has finished.
+
+Three optional additions, none of which changes what a call without them returns: ``reveal_from="processed"``
+reveals the distribution after ``processors`` and before the sampler's own temperature / top-k / top-p (a server
+reveals its policy's distribution whatever the request's sampling settings); ``on_step`` is called with each step's
+tokens as soon as they are sampled (streaming); ``force`` takes given tokens instead of sampling them (scoring a
+given text with the same processors, step by step, as generation would see it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +50,27 @@ RevealFn = Callable[[Tensor], "tuple[Tensor, Tensor] | None"]
 
 
 @dataclass
+class SampleStep:
+    """One step of :func:`sample`, as ``on_step`` sees it (after the step's tokens are chosen and the rows that they
+    ended are marked). Tensors are the sampler's own: read them, do not modify them."""
+
+    t: int  # the step (0 = the first generated token)
+    tokens: Tensor  # [B] long, the token taken at this step (pad for rows that had already finished)
+    active: Tensor  # [B] bool, rows that generated a token at this step
+    ended: Tensor  # [B] bool, active rows that this step's token ended (EOS or stop string)
+    logprobs: Tensor  # [B] log-prob of each token under the distribution sampled (0 when greedy)
+    teacher: Tensor  # [B, V] the undefended distribution's log-probs at this step
+    sampled: Tensor | None  # [B, V] the sampled distribution's log-probs (None when greedy)
+    revealed: Tensor | None = None  # [B, V] the distribution a reveal policy reads (when one is given)
+    reveal_logprobs: Tensor | None = None  # [B] each token's log-prob under ``revealed``
+    top_ids: Tensor | None = None  # [B, k] what the reveal policy revealed at this step
+    top_logprobs: Tensor | None = None  # [B, k]
+
+
+StepFn = Callable[[SampleStep], None]
+
+
+@dataclass
 class SampleResult:
     """What :func:`sample` returns. ``T`` is the number of steps run (``<= max_new_tokens``).
 
@@ -59,6 +86,8 @@ class SampleResult:
     kl: Tensor  # [B, T] float32, KL(sampled || undefended) over the full vocabulary at each step
     top_ids: Tensor | None = None  # [B, T, k] long, the revealed token ids, if a reveal policy was given
     top_logprobs: Tensor | None = None  # [B, T, k] float32, the revealed values
+    reveal_logprobs: Tensor | None = None  # [B, T] float32, each chosen token's log-prob under the revealed
+    #   distribution (reveal_from), when a reveal policy was given
     prompt_ids: Tensor | None = None  # [B, P] the (left-padded) prompts
     prompt_mask: Tensor | None = None  # [B, P]
     pad_token_id: int = 0
@@ -195,6 +224,8 @@ def sample(
     reveal: int | RevealFn | None = None,
     reveal_from: str = "sampled",
     fast: bool | None = None,
+    on_step: StepFn | None = None,
+    force: Tensor | None = None,
 ) -> SampleResult:
     """Sample continuations of left-padded prompts ``input_ids`` ``[B, P]`` with a KV cache.
 
@@ -203,8 +234,55 @@ def sample(
     ``eos_token_id`` / ``pad_token_id`` default to the model's generation config. ``stop_strings`` need
     ``tokenizer``. ``reveal`` is ``None`` (nothing), an int ``k`` (top-k log-probs) or a callable
     ``logprobs [B, V] -> (ids [B, k], values [B, k]) | None`` (see ``distillarena.defenses.reveal``), applied to the
-    sampled distribution (``reveal_from="sampled"``) or the undefended one (``"teacher"``). ``fast`` selects the
-    decoder (``None``: Llama fast path when supported). The prompts' ``attention_mask`` defaults to all ones.
+    sampled distribution (``reveal_from="sampled"``), the undefended one (``"teacher"``), or the distribution after
+    ``processors`` and before the sampler's own temperature, top-k and top-p (``"processed"``; the same tensor as
+    ``"sampled"`` when those three change nothing); with a reveal policy the result also holds each chosen token's
+    log-prob under that distribution (``reveal_logprobs``). ``fast`` selects the decoder (``None``: Llama fast path
+    when supported). The prompts' ``attention_mask`` defaults to all ones.
+
+    ``on_step(step)`` is called after every step with its :class:`SampleStep`. ``force`` ``[B, max_new_tokens]``
+    (long) takes ``force[b, t]`` instead of the sampled token when it is ``>= 0``; a negative value ends row ``b``
+    before step ``t`` (nothing is taken). A forced token never ends its row (EOS and stop strings are not checked
+    on forced steps), so a given text is scored to its end with the same processors as generation.
+    """
+    steps = sample_steps(
+        model, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, processors=processors, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        stop_strings=stop_strings, tokenizer=tokenizer, generator=generator, reveal=reveal, reveal_from=reveal_from,
+        fast=fast, on_step=on_step, force=force,
+    )
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+@torch.no_grad()
+def sample_steps(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    processors: Sequence[Processor] = (),
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    stop_strings: Sequence[str] = (),
+    tokenizer=None,
+    generator: torch.Generator | None = None,
+    reveal: int | RevealFn | None = None,
+    reveal_from: str = "sampled",
+    fast: bool | None = None,
+    on_step: StepFn | None = None,
+    force: Tensor | None = None,
+) -> Generator[int, None, SampleResult]:
+    """:func:`sample` one step at a time: a generator that yields the index of each step once it is done (after
+    ``on_step``) and returns the :class:`SampleResult`. A caller can interleave several calls step by step (a server
+    starting a new batch while another is still generating); each call computes exactly what :func:`sample` would.
     """
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
@@ -217,14 +295,15 @@ def sample(
             "a processor already divides by its own temperature (e.g. antidistillation sampling): "
             f"leave the sampler's temperature at 1.0, got {temperature}"
         )
-    chain = processors + sampling_warpers(1.0 if greedy else temperature, top_k, top_p)
+    warpers = sampling_warpers(1.0 if greedy else temperature, top_k, top_p)
+    chain = processors + warpers
     stop_strings = tuple(stop_strings)
     if stop_strings and tokenizer is None:
         raise UserError("stop_strings need a tokenizer")
     if any(not s for s in stop_strings):
         raise UserError("stop_strings contains an empty string")
-    if reveal_from not in ("sampled", "teacher"):
-        raise UserError(f"reveal_from must be 'sampled' or 'teacher', got {reveal_from!r}")
+    if reveal_from not in ("sampled", "teacher", "processed"):
+        raise UserError(f"reveal_from must be 'sampled', 'teacher' or 'processed', got {reveal_from!r}")
     if isinstance(reveal, bool) or (isinstance(reveal, int) and reveal < 1):
         raise UserError(f"reveal must be None, an integer k >= 1 or a callable, got {reveal!r}")
     reveal_fn = _top_k_reveal(reveal) if isinstance(reveal, int) else reveal
@@ -235,6 +314,8 @@ def sample(
         attention_mask = torch.ones_like(input_ids)
     b, p = input_ids.shape
     n = max_new_tokens
+    if force is not None and (force.dim() != 2 or force.shape[0] != b or force.shape[1] < n):
+        raise UserError(f"force must be [batch, >= max_new_tokens] = [{b}, >= {n}], got {tuple(force.shape)}")
     decoder = make_decoder(model, fast=fast)
     logits = decoder.prefill(input_ids, attention_mask, n)
     begin_processors(processors, input_ids, attention_mask, n)
@@ -246,6 +327,7 @@ def sample(
     lp_teacher = torch.zeros(b, n, device=device)
     kl = torch.zeros(b, n, device=device)
     top_ids = top_vals = None
+    lp_revealed = torch.zeros(b, n, device=device) if reveal_fn is not None else None
     alive = torch.ones(b, dtype=torch.bool, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     lengths = torch.zeros(b, dtype=torch.long, device=device)
@@ -256,11 +338,24 @@ def sample(
 
     steps = 0
     for t in range(n):
+        if force is not None:
+            stop_here = alive & (force[:, t] < 0)
+            if bool(stop_here.any()):
+                finished |= stop_here
+                alive &= ~stop_here
+                if not bool(alive.any()):
+                    break
         steps = t + 1
         teacher_lp = torch.log_softmax(logits, dim=-1)
-        scores = apply_processors(chain, ids[:, : p + t], logits)
+        if reveal_from == "processed":
+            processed = apply_processors(processors, ids[:, : p + t], logits)
+            scores = apply_processors(warpers, ids[:, : p + t], processed)
+        else:
+            scores = apply_processors(chain, ids[:, : p + t], logits)
         if greedy:
             tok = scores.argmax(dim=-1)
+            if force is not None:
+                tok = torch.where(force[:, t] >= 0, force[:, t], tok)
             dist_lp = None
             chosen_lp = torch.zeros(b, device=device)
             step_kl = -teacher_lp.gather(-1, tok[:, None]).squeeze(-1)
@@ -268,6 +363,8 @@ def sample(
             dist_lp = torch.log_softmax(scores, dim=-1)
             probs = dist_lp.exp()
             tok = sample_from_probs(probs, generator)
+            if force is not None:
+                tok = torch.where(force[:, t] >= 0, force[:, t], tok)
             chosen_lp = dist_lp.gather(-1, tok[:, None]).squeeze(-1)
             step_kl = (probs * (dist_lp - teacher_lp)).nansum(-1)  # 0 * -inf = nan: excluded tokens add 0
         tok = torch.where(alive, tok, pad_t)
@@ -275,9 +372,12 @@ def sample(
         lp_sampled[:, t] = chosen_lp
         lp_teacher[:, t] = teacher_lp.gather(-1, tok[:, None]).squeeze(-1)
         kl[:, t] = step_kl
+        src = shown = None
         if reveal_fn is not None:
             if reveal_from == "teacher":
                 src = teacher_lp
+            elif reveal_from == "processed":
+                src = dist_lp if (dist_lp is not None and not warpers) else processed.log_softmax(-1)
             else:  # greedy: the processed scores' distribution (no temperature)
                 src = dist_lp if dist_lp is not None else scores.log_softmax(-1)
             shown = reveal_fn(src)
@@ -287,13 +387,24 @@ def sample(
                     top_ids = torch.zeros(b, n, k, dtype=torch.long, device=device)
                     top_vals = torch.zeros(b, n, k, device=device)
                 top_ids[:, t], top_vals[:, t] = shown[0], shown[1].float()
+            lp_revealed[:, t] = src.gather(-1, tok[:, None]).squeeze(-1)
 
         lengths += alive.long()
         ended = alive & torch.isin(tok, eos_t) if eos_t is not None else torch.zeros_like(alive)
         if stop_table is not None:
             ended |= _stop_string_hits(tokenizer, tokens, t, alive & ~ended & stop_table[tok], stop_strings, window)
+        if force is not None:
+            ended &= force[:, t] < 0  # a forced token never ends its row
+        if on_step is not None:
+            on_step(SampleStep(
+                t=t, tokens=tok, active=alive.clone(), ended=ended, logprobs=chosen_lp, teacher=teacher_lp,
+                sampled=dist_lp, revealed=src, reveal_logprobs=None if src is None else lp_revealed[:, t],
+                top_ids=None if shown is None else top_ids[:, t],
+                top_logprobs=None if shown is None else top_vals[:, t],
+            ))
         finished |= ended
         alive &= ~ended
+        yield t
         if t == n - 1 or not bool(alive.any()):
             break
         logits = decoder.step(tok)
@@ -309,6 +420,7 @@ def sample(
         kl=torch.where(keep, kl[:, sl], 0.0),
         top_ids=None if top_ids is None else torch.where(keep[..., None], top_ids[:, sl], 0),
         top_logprobs=None if top_vals is None else torch.where(keep[..., None], top_vals[:, sl], 0.0),
+        reveal_logprobs=None if lp_revealed is None else torch.where(keep, lp_revealed[:, sl], 0.0),
         prompt_ids=input_ids,
         prompt_mask=attention_mask,
         pad_token_id=pad,
@@ -333,4 +445,4 @@ def _stop_string_hits(tokenizer, tokens: Tensor, t: int, candidates: Tensor, sto
     return hits
 
 
-__all__ = ["RevealFn", "SampleResult", "cut_at_stop_strings", "sample"]
+__all__ = ["RevealFn", "SampleResult", "SampleStep", "StepFn", "cut_at_stop_strings", "sample", "sample_steps"]

@@ -3,25 +3,30 @@
 Order of checks for a generation request, each answered in OpenAI's error shape
 ``{"error": {"message", "type", "param", "code"}}``:
 
-1. the key (401 missing, malformed, unknown or wrong; 403 revoked), also when the body is malformed;
-2. the body (400: malformed JSON, wrong types, out-of-range values, unknown model, ``max_tokens`` over the cap,
-   prompt over the context, log-probs beyond what the key's policy reveals, unsupported parameters);
-3. the rate limit and the budgets (429, with ``Retry-After`` when waiting can help, ``x-should-retry: false``
+1. the key, from the headers, before the body is read (401 missing, malformed, unknown or wrong, answered after a
+   delay, no ledger row, counted per minute; 403 revoked; 429 when too many unproven secrets wait for scrypt):
+   :mod:`~distillarena.serve.guard`;
+2. the body's size, counting the bytes that arrive (413 over 8 MiB, chunked included);
+3. the body (400: unparseable or malformed JSON, wrong types, out-of-range values, unknown model, ``max_tokens``
+   over the cap, a prompt over the context (bounded in bytes before it is tokenized), log-probs beyond what the
+   key's policy reveals, sampling settings the key's policy does not allow, unsupported parameters);
+4. the rate limit and the budgets (429, with ``Retry-After`` when waiting can help, ``x-should-retry: false``
    when the budget is spent);
-4. generation in the backend (the batching engine); then the reservation is settled and the ledger row committed
-   in one transaction, *before* the response (or the first byte of the stream) is sent.
+5. generation in the backend (the batching engine); then the reservation is settled and the ledger row committed
+   in one transaction, *before* the response is sent; a stream is billed its reservation and its row committed
+   before its first byte, and the unused part refunded when it ends.
 
-Every request to a generation endpoint gets one ledger row, rejected ones included (with the key's id when the
-token names an existing key). A client that disconnects mid-generation does not leak its reservation: the
-generation and settlement run in a task shielded from the request's cancellation.
+Every request to a generation endpoint made with an existing, proven key gets one ledger row, refused ones
+included. A client that disconnects mid-generation does not leak its reservation: the generation and settlement run
+in a task shielded from the request's cancellation.
 
 **Token ids** (``return_tokens_as_token_ids: true``, vLLM's extension, both endpoints): revealed tokens and
 alternatives are written ``token_id:<id>`` instead of their text, and the log-probs cover every generated token, the
 EOS that ended the completion included (its text is empty), so a client can rebuild the exact sampled sequence.
 
 Streaming (``stream: true``, chat and completions) is sent as server-sent events in OpenAI's chunk shapes, ending
-with ``data: [DONE]``. The sampler has no per-token callback, so the whole completion is generated first and then
-sent token by token: time to first token equals the full latency (see the report of issue 7).
+with ``data: [DONE]``: each token as soon as it is sampled (the sampler's per-step callback, within the same batch
+as everyone else's) and its text can no longer change.
 
 Where it lives: :mod:`~distillarena.serve.state` (the backend, store and config the routes share; the key check and
 ledger writes), :mod:`~distillarena.serve.errors` (the error shape, the middleware) and
@@ -38,11 +43,11 @@ from fastapi import FastAPI
 from distillarena import __version__
 from distillarena.serve.backend import Backend
 from distillarena.serve.config import ServeConfig
-from distillarena.serve.errors import MAX_BODY_BYTES, ApiError, TimingMiddleware
+from distillarena.serve.errors import MAX_BODY_BYTES, ApiError
+from distillarena.serve.guard import GuardMiddleware
 from distillarena.serve.routes import add_routes
-from distillarena.serve.routes.handlers import GENERATION_PATHS
 from distillarena.serve.routes.plan import MAX_STOP
-from distillarena.serve.state import AppState
+from distillarena.serve.state import GENERATION_PATHS, AppState
 from distillarena.serve.store import Store
 
 
@@ -60,6 +65,8 @@ def create_app(engine: Backend, store: Store, config: ServeConfig | None = None,
         if manage:
             engine.close()
             store.close()
+        else:
+            store.flush_rejections()
 
     app = FastAPI(
         title="distillarena teacher API",
@@ -67,7 +74,7 @@ def create_app(engine: Backend, store: Store, config: ServeConfig | None = None,
         description="An OpenAI-compatible API over a (defended) teacher, with keys, budgets and a ledger.",
         lifespan=lifespan,
     )
-    app.add_middleware(TimingMiddleware)
+    app.add_middleware(GuardMiddleware, state=state)
     add_routes(app, state)
     return app
 

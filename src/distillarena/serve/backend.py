@@ -9,7 +9,10 @@ Adding a backend (a vLLM one, say): one module with a class that implements :cla
 the :class:`~distillarena.serve.config.ServeConfig`, and one entry in ``BACKENDS``
 (:mod:`~distillarena.serve.registry`). It takes :class:`GenJob` (token-id prompts, sampling settings and the key's
 :class:`~distillarena.serve.config.PolicyConfig`, whose defense it must apply as
-:func:`distillarena.defenses.policy.build_policy` defines it) and answers each with a :class:`GenResult`.
+:func:`distillarena.defenses.policy.build_policy` defines it, with the request's freedom that the policy's
+docstring states) and answers each with a :class:`GenResult`; a job with ``on_delta`` also gets each sequence's
+tokens as they are sampled (:class:`StreamDelta`), and a job with ``score`` the log-probs of its prompts' own tokens
+(:class:`ScoredPrompt`).
 
 Torch-free: importing this module does not import the HF backend.
 """
@@ -17,7 +20,7 @@ Torch-free: importing this module does not import the HF backend.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -35,12 +38,26 @@ class ServerMisconfigured(RuntimeError):
 
 
 @dataclass
+class StreamDelta:
+    """What a stream may send now of one sequence of a job: its next tokens (ids, text pieces and revealed values;
+    a token's piece is sent once it can no longer change, nor be cut by a stop string), and its finish reason once
+    it has ended (then its text pieces so far make up exactly :attr:`GenSequence.text`)."""
+
+    index: int  # the sequence's index in the job (prompt-major, as GenResult.sequences)
+    token_ids: list[int]
+    pieces: list[str]
+    logprobs: list[float] | None = None  # revealed values of these tokens (when the job asks for log-probs)
+    top: list[list[tuple[int, float]]] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
 class GenJob:
     """One API request as the backend sees it: ``prompts`` (token ids), ``n`` samples of each."""
 
     prompts: list[list[int]]
     n: int
-    max_tokens: int
+    max_tokens: int  # 0: nothing generated (a request that only scores its prompts)
     temperature: float
     top_p: float | None = None
     stop: tuple[str, ...] = ()
@@ -48,17 +65,33 @@ class GenJob:
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-prob and k alternatives
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     all_tokens: bool = False  # reveal every generated token (the EOS too), not only those whose text is shown
+    score: int | None = None  # None: no; k >= 0: the log-prob of each prompt token (after the first) and k alternatives
+    noise_key: bytes | None = None  # key of the reveal noise (the server's secret and the policy); None: the backend's
+    on_delta: Callable[[list[StreamDelta]], None] | None = None  # called from the backend's thread as tokens come
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
 
     @property
     def rows(self) -> int:
-        return len(self.prompts) * self.n
+        return len(self.prompts) * (self.n if self.max_tokens > 0 else 0) + (len(self.prompts) if self.score
+                                                                            is not None else 0)
 
     def group(self) -> tuple:
         top_p = None if self.top_p is None or self.top_p >= 1.0 else float(self.top_p)
         alone = id(self) if self.seed is not None else None
-        return (float(self.temperature), top_p, self.stop, self.policy.label(), alone)
+        return (float(self.temperature), top_p, self.stop, self.policy.label(), self.score is not None, alone)
+
+
+@dataclass
+class ScoredPrompt:
+    """A prompt's own tokens with the revealed log-prob of each under the key's policy given the tokens before it
+    (``None`` for the first, which has no context) and its revealed alternatives."""
+
+    token_ids: list[int]
+    text: str
+    offsets: list[int]  # start of each token in `text`
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]] | None]
 
 
 @dataclass
@@ -80,6 +113,7 @@ class GenResult:
     prompt_tokens: int
     completion_tokens: int
     batch_rows: int  # rows in the sampler call that produced it (for tests and benchmarks)
+    scored: list[ScoredPrompt] | None = None  # one per prompt, when the job scores them
 
 
 class TokenNames(Protocol):
@@ -116,7 +150,9 @@ class Backend(Protocol):
         ...
 
     @property
-    def tokens(self) -> TokenNames: ...
+    def tokens(self) -> TokenNames:
+        """Every token's display string and bytes (their longest bounds how long a prompt can be)."""
+        ...
 
     @property
     def queue_depth(self) -> int:
@@ -159,4 +195,5 @@ class Backend(Protocol):
         ...
 
 
-__all__ = ["Backend", "EngineClosed", "GenJob", "GenResult", "GenSequence", "ServerMisconfigured", "TokenNames"]
+__all__ = ["Backend", "EngineClosed", "GenJob", "GenResult", "GenSequence", "ScoredPrompt", "ServerMisconfigured",
+           "StreamDelta", "TokenNames"]

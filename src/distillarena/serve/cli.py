@@ -1,6 +1,9 @@
 """``distillarena serve``, ``keys`` (create | list | revoke) and ``ledger``: wired into the main CLI with
 :func:`add_serve_commands`. User errors are raised as :class:`~distillarena.core.errors.UserError`.
 
+``ledger`` prints per-key totals and, on lines of their own, the requests refused without a valid key (counted per
+minute and error code, not one ledger row each).
+
 The store (keys and ledger, one SQLite file) is found in this order: ``--store``, the serve config's ``store:``
 (``--config``), the default ``<cache>/serve/store.sqlite``; ``keys`` and ``ledger`` act on the same file the server
 uses, also while it runs.
@@ -44,7 +47,10 @@ def add_serve_commands(subparsers) -> None:
     _store_args(c)
     c.add_argument("--name", default="", help="a label for the key (e.g. who holds it)")
     c.add_argument("--requests", type=_limit, default=_UNSET, help="request budget ('none': unlimited)")
-    c.add_argument("--tokens", type=_limit, default=_UNSET, help="completion-token budget ('none': unlimited)")
+    c.add_argument("--tokens", type=_limit, default=_UNSET, help="token budget ('none': unlimited): completion "
+                   "tokens (and prompt tokens a request scores), or with --count-prompt-tokens prompt + completion")
+    c.add_argument("--count-prompt-tokens", action="store_true", default=None,
+                   help="the token budget counts prompt tokens too (as providers bill)")
     c.add_argument("--rate", type=_rate, default=_UNSET, help="rate limit in requests per minute ('none': "
                    "unlimited)")
     c.add_argument("--burst", type=float, help="token-bucket size of the rate limit (default: one minute's worth)")
@@ -189,6 +195,7 @@ def _cmd_keys_create(args: argparse.Namespace) -> None:
             max_completion_tokens=d.max_completion_tokens if args.tokens is _UNSET else args.tokens,
             rate_per_minute=d.rate_per_minute if args.rate is _UNSET else args.rate,
             burst=args.burst if args.burst is not None else d.burst,
+            count_prompt=d.count_prompt_tokens if args.count_prompt_tokens is None else args.count_prompt_tokens,
         )
     if args.json:
         print(json.dumps({"token": token, **rec.as_dict()}, indent=2))
@@ -215,7 +222,8 @@ def _limits_text(k) -> str:
         return f"{used}/{'unlimited' if cap is None else cap}"
 
     rate = "no rate limit" if k.rate_per_minute is None else f"{k.rate_per_minute:g}/min"
-    return (f"requests {budget(k.requests_used, k.max_requests)}, completion tokens "
+    tokens = "tokens (prompt + completion)" if k.count_prompt else "completion tokens"
+    return (f"requests {budget(k.requests_used, k.max_requests)}, {tokens} "
             f"{budget(k.tokens_used, k.max_completion_tokens)}, {rate}")
 
 
@@ -239,10 +247,10 @@ def _cmd_keys_list(args: argparse.Namespace) -> None:
 
 
 def _cmd_keys_revoke(args: argparse.Namespace) -> None:
-    from distillarena.serve.store import _parse_token
+    from distillarena.serve.store import parse_token
 
     key_id = args.key
-    parsed = _parse_token(key_id)
+    parsed = parse_token(key_id)
     if parsed is not None:
         key_id = parsed[0]
     with _open_store(_config(args)) as store:
@@ -260,6 +268,7 @@ def _cmd_ledger(args: argparse.Namespace) -> None:
                     n = store.export_csv(f, args.key)
                 print(f"{n} ledger rows written to {args.csv}", file=sys.stderr)
         totals = store.totals()
+        rejected = store.rejections()
         if args.plot:
             from distillarena.serve.usage import save_usage_plot
 
@@ -269,13 +278,17 @@ def _cmd_ledger(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(totals, indent=2))
     elif not args.csv or args.csv != "-":
-        if not totals:
+        if not totals and not rejected:
             print("the ledger is empty")
         for t in totals:
             latency = "-" if t["mean_latency_ms"] is None else f"{t['mean_latency_ms']:.0f} ms"
             print(f"{t['key_id'] or '(no key)':<12} {t['name'] or '-':<16} requests {t['requests']} "
                   f"(ok {t['ok']}, 400 {t['bad_request']}, 401/403 {t['denied']}, 429 {t['limited']}, "
                   f"5xx {t['server_errors']}), prompt tokens {t['prompt_tokens']}, completion tokens "
-                  f"{t['completion_tokens']}, mean latency {latency}, {_when(t['first'])} .. {_when(t['last'])}")
+                  f"{t['completion_tokens']}, billed {t['billed_tokens']}, mean latency {latency}, "
+                  f"{_when(t['first'])} .. {_when(t['last'])}")
+        for r in rejected:
+            print(f"(no valid key) {r['endpoint']}: {r['count']} refused ({r['code']}), "
+                  f"{_when(r['first'])} .. {_when(r['last'])}")
 
 __all__ = ["add_serve_commands"]

@@ -7,6 +7,7 @@ store and ledger in ``<cache>/serve/store.sqlite``.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,11 @@ from pydantic import Field, model_validator
 from distillarena.core.config import Strict, load_config
 from distillarena.core.errors import UserError
 from distillarena.defenses.spec import DEFENSES, DefenseKind, check_defense, defense_label
+
+GREEDY_BELOW = 1e-5  # a request temperature below this is greedy decoding (vLLM's threshold)
+Freedom = Literal["open", "flatten", "fixed"]
+# the parameters of a defense that only tempers and truncates the teacher's own distribution
+_TEMPERING = frozenset({"temperature", "top_k", "top_p"})
 
 # the kinds and defaults of the policy format before it took build_policy's names (keys stored then still load)
 _LEGACY = {"top_k": ("truncation", "top_k", 5), "top_p": ("truncation", "top_p", 0.9),
@@ -29,10 +35,17 @@ class PolicyConfig(Strict):
     ``defense`` and ``params`` are a defense kind and its parameters exactly as the game's ``DefenseConfig`` and
     ``distillarena.defenses.policy.build_policy`` name them (``none``, ``temperature``, ``truncation``, ``poe``,
     ``antidistillation``; ``temperature``, ``top_k``, ``top_p``, ``gamma``, ``lam``, ``method``, ``eps``,
-    ``normalize``); a parameter left out takes build_policy's default. With the request's own ``temperature`` 1 and
-    no ``top_p``, a key samples exactly what ``build_policy(defense, params).sample`` samples in process. The
-    request's temperature and top_p come after the defense (a defense temperature tau and a request temperature t
-    give ``softmax(z / tau / t)``).
+    ``normalize``); a parameter left out takes build_policy's default. The *policy's distribution* is what
+    ``build_policy(defense, params).sample`` samples in process; a seeded request at temperature 1 with no top_p
+    samples exactly that.
+
+    What a request may change (:attr:`freedom`): an undefended key (``open``) takes any temperature (below
+    :data:`GREEDY_BELOW`: greedy) and top_p. A defense that only tempers and truncates the teacher at a temperature
+    of at least 1 (``flatten``) may be flattened further by the request's temperature (``softmax(log p / t)``,
+    t >= 1), never sharpened (no t < 1, no greedy, no top_p). Any other defense (``fixed``: PoE, antidistillation,
+    a temperature below 1) takes only temperature 1: flattening a distribution sharper than the teacher's could
+    bring it back to the teacher. Revealed log-probs are always the policy's distribution's, whatever the request's
+    sampling settings, with noise (keyed, fixed per context and token) and then rounding applied last.
 
     ``strength`` is shorthand for the kind's main parameter (``main`` in :mod:`distillarena.defenses.spec`):
     ``{defense: poe, strength: 0.4}`` is ``{defense: poe, params: {gamma: 0.4}}``. The policy is copied into the
@@ -95,19 +108,65 @@ class PolicyConfig(Strict):
         """The ledger's and the game's label: ``none``, ``poe(gamma=0.5)``, ..."""
         return defense_label(self.defense, self.params)
 
+    def canonical_params(self) -> dict:
+        """The defense's parameters with build_policy's defaults filled in (numbers as floats)."""
+        return DEFENSES[self.defense].params.model_validate(self.params).model_dump()
+
+    @property
+    def freedom(self) -> Freedom:
+        """What a request may change of this policy's sampling distribution (see the class docstring)."""
+        spec = DEFENSES[self.defense]
+        if spec.needs_proxy or not set(spec.parameter_names()) <= _TEMPERING:
+            return "fixed"
+        p = self.canonical_params()
+        tau = float(p.get("temperature", 1.0))
+        truncates = p.get("top_k") is not None or p.get("top_p") not in (None, 1.0)
+        if tau == 1.0 and not truncates:
+            return "open"
+        return "flatten" if tau >= 1.0 else "fixed"
+
+    def sampling_problem(self, temperature: float, top_p: float | None) -> tuple[str, str] | None:
+        """``(param, message)`` if a request's sampling settings are not allowed with this policy, else None."""
+        freedom = self.freedom
+        if freedom == "open":
+            return None
+        what = f"This API key's policy ({self.label()}) fixes its sampling distribution"
+        if top_p is not None and top_p < 1.0:
+            return "top_p", (f"{what}: a request may not truncate it; top_p is {top_p:g}, only 1 is supported "
+                             "with this key.")
+        if freedom == "flatten" and temperature < 1.0:
+            return "temperature", (f"{what}: a request may flatten it (temperature >= 1) but not sharpen it; "
+                                   f"temperature {temperature:g} would sharpen it.")
+        if freedom == "fixed" and temperature != 1.0:
+            return "temperature", (f"{what}: temperature {temperature:g} is not supported, only 1 is with this "
+                                   "key.")
+        return None
+
+    def noise_id(self) -> bytes:
+        """What the reveal noise is keyed by, besides the server's secret: the defense (canonical parameters) and
+        the noise level. Keys with the same policy see the same noise (several keys cannot average it away); a
+        different defense or noise level gets independent noise (subtracting two keys' values cancels nothing)."""
+        return json.dumps({"defense": self.defense, "params": self.canonical_params(), "noise_std": self.noise_std},
+                          sort_keys=True).encode()
+
 
 class BatchingConfig(Strict):
     max_batch_size: int = Field(16, ge=1, le=1024, description="rows (prompts x n) sampled together at most")
     max_wait_ms: float = Field(50.0, ge=0.0, le=10_000, description=(
         "longest a request waits for others to join its batch; it waits only while the recent peak of requests in "
         "flight says more are coming (a lone client never waits)"))
+    max_running: int = Field(8, ge=1, le=64, description=(
+        "batches generating at once, a step of each in turn: a request that comes while others generate starts "
+        "within about max_wait_ms instead of waiting for them to finish (1: one batch at a time)"))
 
 
 class KeyDefaults(Strict):
     """Budgets and rate limit given to a new key when ``keys create`` has no flag for them (None: unlimited)."""
 
     max_requests: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0, description="the token budget")
+    count_prompt_tokens: bool = Field(False, description="the token budget counts prompt tokens too (as providers "
+                                      "bill); otherwise completion tokens (and prompt tokens a request scores)")
     rate_per_minute: float | None = Field(None, gt=0)
     burst: float | None = Field(None, ge=1, description="token-bucket size; None: one minute's worth")
 
@@ -135,6 +194,11 @@ class ServeConfig(Strict):
     default_policy: PolicyConfig = Field(default_factory=PolicyConfig)
     key_defaults: KeyDefaults = Field(default_factory=KeyDefaults)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    auth_failure_delay_ms: float = Field(250.0, ge=0, le=10_000, description=(
+        "how long a refused key (401 / 403) waits before its answer: bounds how fast one connection can guess"))
+    auth_kdf_share: float = Field(0.25, gt=0, le=1, description=(
+        "share of one core that verifying secrets not yet proven in this process may use (scrypt); beyond it a "
+        "request is answered 429 without verifying. A key proven once is checked in microseconds afterwards"))
 
     def store_path(self) -> Path:
         if self.store:
@@ -160,4 +224,5 @@ def load_serve_config(path: str | Path | None) -> ServeConfig:
     return load_config(path, ServeConfig)
 
 
-__all__ = ["BatchingConfig", "KeyDefaults", "PolicyConfig", "ServeConfig", "load_serve_config"]
+__all__ = ["GREEDY_BELOW", "BatchingConfig", "Freedom", "KeyDefaults", "PolicyConfig", "ServeConfig",
+           "load_serve_config"]

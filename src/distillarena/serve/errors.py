@@ -1,11 +1,10 @@
-"""Errors in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``): :class:`ApiError`, and the
-middleware that stamps arrival times and refuses over-sized bodies. The app's exception handlers are
-:mod:`distillarena.serve.routes.handlers`."""
+"""Errors in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``): :class:`ApiError`. The app's
+exception handlers are :mod:`distillarena.serve.routes.handlers`; the middleware that checks keys and body sizes
+before anything else is :mod:`distillarena.serve.guard`."""
 
 from __future__ import annotations
 
 import math
-import time
 
 from fastapi.responses import JSONResponse
 
@@ -13,7 +12,7 @@ from distillarena.serve.schemas import ErrorResponse
 from distillarena.serve.store import Rejected
 
 MAX_BODY_BYTES = 8 * 2**20
-ERROR_RESPONSES = {s: {"model": ErrorResponse} for s in (400, 401, 403, 429, 500)}  # the routes' documented errors
+ERROR_RESPONSES = {s: {"model": ErrorResponse} for s in (400, 401, 403, 413, 429, 500)}  # the routes' documented errors
 
 
 class ApiError(Exception):
@@ -33,35 +32,15 @@ class ApiError(Exception):
             headers["x-should-retry"] = "true" if r.should_retry else "false"
         return cls(r.status, r.message, type=r.type, code=r.code, headers=headers)
 
-    def response(self, request_id: str | None = None) -> JSONResponse:
+    def response(self, request_id: str | None = None, *, close: bool = False) -> JSONResponse:
+        """The error as a response; ``close``: and the connection is closed after it (a body left unread)."""
         headers = dict(self.headers)
+        if close:
+            headers["connection"] = "close"
         if request_id:
             headers["x-request-id"] = request_id
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
-class TimingMiddleware:
-    """Pure ASGI middleware: arrival time for latency, and a cap on the declared body size."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            scope.setdefault("state", {})["t0"] = time.perf_counter()
-            scope["state"]["arrived"] = time.time()
-            for name, value in scope.get("headers", []):
-                if name == b"content-length":
-                    try:
-                        too_big = int(value) > MAX_BODY_BYTES
-                    except ValueError:
-                        too_big = False
-                    if too_big:
-                        resp = ApiError(413, f"request body over {MAX_BODY_BYTES} bytes").response()
-                        await resp(scope, receive, send)
-                        return
-        await self.app(scope, receive, send)
-
-
-__all__ = ["ERROR_RESPONSES", "MAX_BODY_BYTES", "ApiError", "TimingMiddleware"]
+__all__ = ["ERROR_RESPONSES", "MAX_BODY_BYTES", "ApiError"]

@@ -2,9 +2,11 @@
 
 Requests are validated strictly (``"1"`` is not an integer, ``1`` is not a boolean, NaN is not a temperature), and
 unknown fields are tolerated, as OpenAI's API does. Fields OpenAI defines that this server cannot honour
-(``logit_bias``, penalties, tools, ``echo``, ``best_of``, ``suffix``, non-text response formats) are accepted
-only at their neutral value; anything else is a 400 that names the field, never a silent no-op. The response
-models document the API (OpenAPI) and are not used to validate what the server sends.
+(``logit_bias``, penalties, tools, ``best_of``, ``suffix``, non-text response formats, ``echo`` on chat) are
+accepted only at their neutral value; anything else is a 400 that names the field, never a silent no-op.
+``echo`` (``/v1/completions``, with ``max_tokens`` 0 to only score the prompt) and vLLM's ``prompt_logprobs``
+(both endpoints) return the key's policy's log-probs of the prompt's own tokens. The response models document the
+API (OpenAPI) and are not used to validate what the server sends.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ class _Sampling(_Request):
     return_tokens_as_token_ids: bool | None = Field(None, description=(
         "vLLM's extension: write revealed tokens as 'token_id:<id>', and reveal every generated token (the EOS "
         "too)"))
+    prompt_logprobs: int | None = Field(None, ge=0, le=20, description=(
+        "vLLM's extension: the log-prob of each prompt token (after the first) and this many alternatives, under "
+        "the key's policy; the prompt's tokens are billed"))
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -96,8 +101,11 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+    echo: bool | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
+        if self.echo:
+            return "echo", "echo is supported on /v1/completions only"
         if self.tools:
             return "tools", "tools are not supported"
         if self.functions:
@@ -110,14 +118,14 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
         description="a string, a list of strings, a list of token ids or a list of lists of token ids")
+    max_tokens: int | None = Field(None, ge=0, lt=INT64, description="0 only with echo: score the prompt only")
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool | None = None
+    echo: bool | None = Field(None, description="the prompt before the completion (with logprobs: the key's "
+                              "policy's log-prob of each prompt token, billed)")
     best_of: int | None = Field(None, ge=1, lt=INT64)
     suffix: Text | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.echo:
-            return "echo", "echo is not supported"
         if self.best_of is not None and self.best_of != (self.n or 1):
             return "best_of", "best_of is not supported (only equal to n)"
         if self.suffix:
@@ -179,13 +187,20 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None]  # None: the first prompt token of an echo (no context)
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int]
+
+
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int | None = None  # position among the revealed alternatives (None: not among them)
+    decoded_token: str
 
 
 class CompletionChoice(BaseModel):
@@ -193,6 +208,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"]
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class Completion(BaseModel):

@@ -1,8 +1,13 @@
 """Running the API: :func:`serve` (the ``distillarena serve`` command, blocking) and :class:`ServerThread` (a real
-uvicorn server in a background thread, on a free port: for tests, benchmarks and the game playing over HTTP)."""
+uvicorn server in a background thread, on a free port: for tests, benchmarks and the game playing over HTTP).
+
+uvicorn's own access log is off (it writes the query string, where a client may have put its key); the server
+writes its own (:data:`distillarena.serve.guard.ACCESS_LOG`: method, path without the query, status, latency)."""
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 import time
 
@@ -10,6 +15,7 @@ import uvicorn
 
 from distillarena.serve.app import create_app
 from distillarena.serve.config import ServeConfig
+from distillarena.serve.guard import ACCESS_LOG
 from distillarena.serve.registry import load_backend
 from distillarena.serve.store import Store
 
@@ -64,7 +70,7 @@ def build_app(cfg: ServeConfig, store: Store | None = None):
     """Load the teacher (and proxy) of ``cfg`` into its backend (:func:`~distillarena.serve.registry.load_backend`) and
     open its store; returns ``(app, backend, store)``."""
     backend = load_backend(cfg)
-    store = store or Store(cfg.store_path(), synchronous=cfg.synchronous)
+    store = store or Store(cfg.store_path(), synchronous=cfg.synchronous, kdf_share=cfg.auth_kdf_share)
     return create_app(backend, store, cfg), backend, store
 
 
@@ -80,7 +86,14 @@ def serve(cfg: ServeConfig) -> None:
             print(f"warning: key {k.id} ({k.name}): {e}")
     print(f"serving {backend.model_name} on http://{cfg.host}:{cfg.port}/v1 (store {store.path}, "
           f"{len(live)} active key(s){'' if live else ': create one with `distillarena keys create`'})", flush=True)
-    uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info", lifespan="on")).run()
+    if not ACCESS_LOG.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("INFO:     %(message)s"))
+        ACCESS_LOG.addHandler(handler)
+        ACCESS_LOG.setLevel(logging.INFO)
+        ACCESS_LOG.propagate = False
+    uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info", access_log=False,
+                                  lifespan="on")).run()
 
 
 __all__ = ["ServerThread", "build_app", "serve"]

@@ -4,6 +4,7 @@ writes every route shares."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -15,11 +16,12 @@ from fastapi.security import HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from distillarena.serve.backend import Backend
-from distillarena.serve.config import ServeConfig
+from distillarena.serve.config import PolicyConfig, ServeConfig
 from distillarena.serve.errors import ApiError
-from distillarena.serve.store import KeyRecord, Rejected, Store
+from distillarena.serve.store import KeyRecord, Rejected, Store, parse_token
 
-# the key, as the OpenAPI document describes it (the routes check it themselves, see AppState.authenticate)
+GENERATION_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions"}
+# the key, as the OpenAPI document describes it (checked by the guard middleware and AppState.authenticate)
 BEARER = HTTPBearer(auto_error=False, description="an API key from `distillarena keys create`")
 
 
@@ -44,17 +46,26 @@ class RequestContext:
                 "endpoint": self.endpoint, "model": self.model, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": completion_tokens, "reserved_tokens": self.reserved, "n": self.n,
                 "defense": self.defense, "status": status, "error_code": code,
-                "latency_ms": (time.perf_counter() - self.t0) * 1000.0, "stream": int(self.stream)}
+                "latency_ms": self.latency_ms(), "stream": int(self.stream)}
+
+    def latency_ms(self) -> float:
+        return (time.perf_counter() - self.t0) * 1000.0
+
+
+def token_of(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The bearer token of raw ASGI headers (a value that is not ``Bearer <token>`` is checked as a token)."""
+    for name, value in headers:
+        if name == b"authorization":
+            text = value.decode("latin-1").strip()
+            scheme, _, token = text.partition(" ")
+            if scheme.lower() != "bearer":
+                return text or None
+            return token.strip() or None
+    return None
 
 
 def bearer_token(request: Request) -> str | None:
-    value = request.headers.get("authorization")
-    if value is None:
-        return None
-    scheme, _, token = value.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return value.strip() or None  # not a bearer token: checked (and refused) as a token
-    return token.strip() or None
+    return token_of(request.scope.get("headers", []))
 
 
 class AppState:
@@ -67,26 +78,59 @@ class AppState:
         self.config = config or ServeConfig()
         self.model_name = backend.model_name
         self.created = int(time.time())
+        # a prompt of more bytes than this has more tokens than the context holds (no token is longer than the
+        # longest in the vocabulary): refused before it is tokenized
+        self.max_prompt_bytes = backend.context_length * max((len(b) for b in backend.tokens.bytes), default=1)
+        self._noise_keys: dict[bytes, bytes] = {}
+        self.background: set[asyncio.Task] = set()  # stream settlements that outlive their request
 
     def context(self, request: Request, endpoint: str) -> RequestContext:
         """A new request's context, timed from its arrival (stamped by the middleware)."""
-        st = request.scope.get("state", {})
+        return self.context_of(request.scope, endpoint)
+
+    @staticmethod
+    def context_of(scope: dict, endpoint: str) -> RequestContext:
+        st = scope.get("state", {})
         ctx = RequestContext(endpoint=endpoint)
         ctx.t0 = st.get("t0", ctx.t0)
         ctx.arrived = st.get("arrived", ctx.arrived)
+        ctx.request_id = st.setdefault("request_id", ctx.request_id)
         return ctx
 
-    async def authenticate(self, request: Request, ctx: RequestContext | None) -> KeyRecord:
-        """The request's key, or an :class:`ApiError` (401 / 403); with ``ctx``, a refusal gets its ledger row and
-        an accepted key is written into ``ctx``."""
-        token = bearer_token(request)
+    def noise_key(self, policy: PolicyConfig) -> bytes:
+        ident = policy.noise_id()
+        key = self._noise_keys.get(ident)
+        if key is None:
+            key = self._noise_keys[ident] = self.store.noise_key(policy)
+        return key
+
+    async def check_key(self, token: str | None, endpoint: str, ctx: RequestContext | None) -> KeyRecord:
+        """The key of ``token``, or an :class:`ApiError`: 401 (counted in the store's rejections, no ledger row),
+        403 revoked (a ledger row with ``ctx``), 429 (too many unproven secrets to verify now). A refused key is
+        answered only after ``auth_failure_delay_ms``, so one connection cannot guess (or queue scrypt) fast."""
         try:
-            key = await run_in_threadpool(self.store.authenticate, token)
+            if token is None or parse_token(token) is None:
+                key = self.store.authenticate(token)  # refuses without touching the database
+            else:
+                key = await run_in_threadpool(self.store.authenticate, token)
         except Rejected as r:
-            if ctx is not None:
-                ctx.key_id = r.key.id if r.key is not None else None
+            if r.status == 403 and r.key is not None and ctx is not None:
+                ctx.key_id, ctx.defense = r.key.id, r.key.policy.label()
                 await run_in_threadpool(self.store.record, ctx.row(r.status, code=r.code))
+            else:
+                self.store.count_rejection(endpoint, r.code or str(r.status))
+            if self.config.auth_failure_delay_ms > 0:  # 401, 403, and 429 when too many secrets wait for scrypt
+                await asyncio.sleep(self.config.auth_failure_delay_ms / 1000.0)
             raise ApiError.from_rejected(r) from None
+        if ctx is not None:
+            ctx.key_id, ctx.defense = key.id, key.policy.label()
+        return key
+
+    async def authenticate(self, request: Request, ctx: RequestContext | None, endpoint: str = "models") -> KeyRecord:
+        """The request's key: the one the guard middleware proved (generation endpoints), else checked now."""
+        key = request.scope.get("state", {}).get("key")
+        if key is None:
+            return await self.check_key(bearer_token(request), endpoint, ctx)
         if ctx is not None:
             ctx.key_id, ctx.defense = key.id, key.policy.label()
         return key
@@ -97,4 +141,4 @@ class AppState:
         return err.response(ctx.request_id)
 
 
-__all__ = ["BEARER", "AppState", "RequestContext", "bearer_token"]
+__all__ = ["BEARER", "GENERATION_PATHS", "AppState", "RequestContext", "bearer_token", "token_of"]

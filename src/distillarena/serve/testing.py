@@ -61,7 +61,7 @@ def running_server(config: ServeConfig, *, kdf: str | None = FAST_KDF) -> Iterat
     from distillarena.serve.app import create_app
 
     engine = load_backend(config)
-    store = Store(config.store_path(), synchronous=config.synchronous, kdf=kdf)
+    store = Store(config.store_path(), synchronous=config.synchronous, kdf=kdf, kdf_share=config.auth_kdf_share)
     app = create_app(engine, store, config)
     thread = ServerThread(app, host=config.host, port=config.port)
     thread.start()
