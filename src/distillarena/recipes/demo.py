@@ -197,6 +197,9 @@ def build_report(cfg: DemoConfig, teacher: TeacherResult, ev, entropy, distill_r
            "at random, so the teacher is multi-modal where the order is chosen. The demo trains that teacher, "
            "distills it into a small student with HPD and four baselines, and plays the distillation game against "
            "its defenses.")
+    r.parts.append("<p class='note'>Animated: <a href='explainer.html'>explainer.html</a>, what the objectives and "
+                   "defenses do, frame by frame (written into this folder by <code>distillarena explain --from "
+                   "RUN_DIR</code>, about a minute).</p>")
     r.heading("Findings")
     r.table(["#", "question", "verdict", "effect [95% interval] (n)", "seeds", "evidence"],
             [[f["number"], f["question"], f["verdict"],
