@@ -98,7 +98,7 @@ def cost_figure(summary_rows: list[dict[str, Any]]):
 
 def entropy_figure(teacher: dict[str, Any], base: dict[str, Any], rows: list[dict[str, Any]], cfg: GameConfig):
     kinds = list(cfg.defenses)
-    # problems with several valid step orders if there are any, else the single-order ones
+    # problems with several valid solutions if there are any, else the single-solution ones
     key = "multi" if any(finite(x) for x in teacher["entropy"]["multi"]) else "single"
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.4), squeeze=False)
     for ax, d in zip(axes[0], kinds, strict=True):
@@ -152,6 +152,13 @@ def add_game_sections(r: Report, cfg: GameConfig, out: Path, rows: list[dict[str
     if cfg.answer_forcing:
         r.text("Answer forcing is on: traces without an Answer line were completed by the UNDEFENDED teacher. This "
                "flatters the defense (forced accuracy is reported separately).", note=True)
+    mm = summary.get("multimodality") or {}
+    if mm.get("multimodal_share") is not None:
+        entropy = (f"; the teacher's entropy where the first step is chosen: {mm['choice_entropy']:.3f} nats (mean "
+                   f"over {mm['choice_entropy_n']} test problems with a choice)" if mm.get("choice_entropy") else "")
+        decoding = ", ".join(f"{k} {v}" for k, v in cfg.decoding.params().items()) or "temperature 1"
+        r.text(f"{mm['multimodal_share']:.0%} of the attacked prompts admit several valid solutions (step orders, "
+               f"first-step operand orders){entropy}. The teacher samples at {decoding} under every defense.")
     attackers = [a.label for a in cfg.attackers]
     r.heading("Frontier: teacher utility against student recovery")
     unstable = sorted({f"{s['defense_label']} / {s['attacker']}" for s in summary_rows
@@ -186,7 +193,7 @@ def add_game_sections(r: Report, cfg: GameConfig, out: Path, rows: list[dict[str
         r.heading("Per-position entropy: teacher and students")
         r.figure(entropy_figure(teacher, base, rows, cfg),
                  "Next-token entropy on 3-operation test problems (teacher-forced on reference solutions; those with "
-                 "several valid step orders when the run has them); students trained on each defense's strongest "
+                 "several valid solutions when the run has them); students trained on each defense's strongest "
                  "setting, passive dashed, mean over seeds.")
     r.heading("Example traces (first seed)")
     seed = cfg.seeds[0]

@@ -27,7 +27,7 @@ from distillarena.train.config import (
     TeacherConfig,
 )
 
-DEMO_OBJECTIVES = ("hpd", "sft", "seqkd", "rkl_onehot", "jsd_onehot")
+DEMO_OBJECTIVES = ("hpd", "sft", "seqkd")  # examples/findings.yaml adds one-hot reverse KL and JSD
 
 
 class DemoDistillConfig(Strict):

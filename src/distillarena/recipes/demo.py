@@ -85,7 +85,7 @@ def run_demo(cfg: DemoConfig, out: Path, console: Console | None = None) -> Path
         console.print(f"  {k} operation(s): accuracy {v['accuracy']:.1%}, step validity "
                       f"{v['step_validity']:.1%} (n={v['n']})")
         metrics.write({"phase": "teacher_eval", "difficulty": k, **v})
-    # the entropy probe: 3-operation test problems (most have several valid step orders)
+    # the entropy probe: 3-operation test problems (most have several valid solutions)
     probe = task.problems("test", 96, 3, seed=cfg.eval.seed)
     entropy = per_position_entropy(model, tok, probe)
     metrics.write({"phase": "teacher_entropy", **json_safe(entropy)})
@@ -192,11 +192,14 @@ def _mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[f
 def build_report(cfg: DemoConfig, teacher: TeacherResult, ev, entropy, distill_runs: list[dict[str, Any]],
                  findings: list[dict[str, Any]], summary: dict[str, Any]) -> Report:
     r = Report("distillarena demo")
-    r.text("The built-in world: arithmetic problems of 1 to 4 operations with a chain of thought. Problems "
-           "with independent sub-expressions have several valid step orders and the training data uses them "
-           "at random, so the teacher is multi-modal where the order is chosen. The demo trains that teacher, "
-           "distills it into a small student with HPD and four baselines, and plays the distillation game against "
-           "its defenses.")
+    n_obj = len(cfg.distill.objectives) if cfg.distill is not None else 0
+    r.text("The built-in world: arithmetic problems of 1 to 4 operations with a chain of thought. The training data "
+           "writes the first step's operands in either order (\"14+16\" or \"16+14\") and, where sub-expressions "
+           "are independent, computes them in either order, so the teacher is multi-modal where a solution is chosen. "
+           "The demo trains that teacher"
+           + (f", distills it into a student (the teacher with layers dropped) with HPD against {n_obj - 1} "
+              "baseline(s)" if n_obj > 1 else "")
+           + (", and plays the distillation game against its defenses." if cfg.game is not None else "."))
     r.parts.append("<p class='note'>Animated: <a href='explainer.html'>explainer.html</a>, what the objectives and "
                    "defenses do, frame by frame (written into this folder by <code>distillarena explain --from "
                    "RUN_DIR</code>, about a minute).</p>")
@@ -245,7 +248,7 @@ def build_report(cfg: DemoConfig, teacher: TeacherResult, ev, entropy, distill_r
 
     r.heading("Teacher per-position entropy")
     fig, ax = plt.subplots(figsize=(8, 3.4))
-    for key, label in (("multi", "several valid step orders"), ("single", "one valid step order")):
+    for key, label in (("multi", "several valid solutions"), ("single", "one valid solution")):
         ax.plot(range(len(entropy[key])), entropy[key], label=label)
     ax.set(xlabel="completion position (tokens)", ylabel="entropy (nats)",
            title="teacher next-token entropy on 3-operation test problems (teacher-forced)")

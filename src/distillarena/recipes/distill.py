@@ -33,6 +33,7 @@ from distillarena.models.presets import count_parameters
 from distillarena.teachers import (
     build_topk_cache,
 )
+from distillarena.teachers.cross import CrossTokenizerTeacher
 from distillarena.train.checkpoint import latest_checkpoint
 from distillarena.train.config import DistillConfig
 from distillarena.train.distill import (
@@ -52,6 +53,7 @@ from distillarena.train.setup import (
     max_length_of,
     resolve_stages,
     seq_kd_pool,
+    teacher_access,
     training_data,
 )
 from distillarena.train.student import plain_model
@@ -208,15 +210,21 @@ def run_distill(cfg: DistillConfig, out: Path, *, resume: bool = False, overwrit
             record({"phase": "resume", "from": str(resuming_from), "step": int(resuming_from.name.split("-")[1])})
 
     unwrap = accelerator.unwrap_model
-    loss_fn = DistillLoss(teacher.access, stages, unwrap=unwrap, seed=cfg.train.seed,
+    access = teacher_access(cfg, teacher, tok)
+    loss_fn = DistillLoss(access, stages, unwrap=unwrap, seed=cfg.train.seed,
                           loss_temperature=cfg.loss_temperature, align_vocab=cfg.align_vocab)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ttok = teacher.tokenizer
+    tpad = ttok.pad_token_id if ttok is not None and ttok.pad_token_id is not None else 0
+    to_teacher = access.pair.to_teacher if isinstance(access, CrossTokenizerTeacher) else None
     on_policy = None
     if any(st.lmbda > 0 for st in stages):
         on_policy = OnPolicy(unwrap, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                             seed=cfg.train.seed, pad_id=pad, eos_id=tok.eos_token_id)
+                             seed=cfg.train.seed, pad_id=pad, eos_id=tok.eos_token_id, to_teacher=to_teacher,
+                             teacher_pad_id=tpad)
     stream = DistillStream(pools, stages, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
-                           world=world, rank=accelerator.process_index, seed=cfg.train.seed, pad_id=pad)
+                           world=world, rank=accelerator.process_index, seed=cfg.train.seed, pad_id=pad,
+                           teacher_pad_id=tpad)
     loop = LoopConfig.from_settings(cfg.train, steps=cfg.total_steps, grad_accum=cfg.train.grad_accum // world,
                                     checkpoint_every=cfg.checkpoint.every, keep_checkpoints=cfg.checkpoint.keep)
     last_eval: dict[str, Any] = {}
