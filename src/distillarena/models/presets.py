@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from distillarena.core.errors import UserError
+from distillarena.models.tokenizer import BUILTIN_PREFIX, builtin_tokenizer
 
 # name -> (hidden, layers, heads, intermediate). Parameter counts with the built-in tokenizer (vocab 317,
 # tied embeddings) are listed in the README and checked by tests.
@@ -87,6 +88,10 @@ def load_model(path_or_id: str, dtype: torch.dtype | str = torch.float32) -> tor
 
 
 def load_tokenizer(path_or_id: str):
+    """A tokenizer by local path, hub id (local cache only) or built-in name (``builtin:task``,
+    ``builtin:merged-digits``)."""
+    if path_or_id.startswith(BUILTIN_PREFIX):
+        return builtin_tokenizer(path_or_id)
     where, is_local = _resolve(path_or_id)
     try:
         tok = AutoTokenizer.from_pretrained(where, local_files_only=True)

@@ -1,10 +1,17 @@
-"""The built-in world's tokenizer: a byte-level BPE trained locally with ``tokenizers``, digits kept single.
+"""The built-in world's tokenizers: byte-level BPEs trained locally with ``tokenizers``.
 
-Byte-level, so any text encodes and decodes exactly (no unknown token); each digit is its own token so
-the models do arithmetic on digits, not on arbitrary number chunks. It is trained on a seeded corpus of
-the arithmetic task and wrapped as a ``PreTrainedTokenizerFast``, so ``save_pretrained`` /
-``AutoTokenizer.from_pretrained`` work with no project code. Training is deterministic and takes well
-under a second; the result is cached on disk by the hash of its recipe.
+:func:`task_tokenizer` (the default): each digit is its own token, so the models do arithmetic on digits, not on
+arbitrary number chunks. Byte-level, so any text encodes and decodes exactly (no unknown token). It is trained
+on a seeded corpus of the arithmetic task and wrapped as a ``PreTrainedTokenizerFast``, so ``save_pretrained`` /
+``AutoTokenizer.from_pretrained`` work with no project code. Training is deterministic and takes well under a
+second; the result is cached on disk by the hash of its recipe.
+
+:func:`merged_digits_tokenizer`: a second tokenizer for the same world, so that a teacher and a student that do
+not share a vocabulary can be tried offline. Numbers are *not* split into digits (``37`` and `` 37`` are single
+tokens), the corpus has another seed, the vocabulary another size (about 500), and the special tokens (same
+strings) come after the learned ones instead of first, so every shared string has another id.
+
+Both are named in configs as ``builtin:task`` and ``builtin:merged-digits`` (:data:`BUILTIN_TOKENIZERS`).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from distillarena.core.errors import UserError
 from distillarena.core.io import atomic_dir, cache_dir
 from distillarena.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
 
@@ -90,6 +98,61 @@ def task_tokenizer() -> PreTrainedTokenizerFast:
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, path: str | Path) -> None:
     tokenizer.save_pretrained(str(path))
+
+
+MERGED_VOCAB_SIZE = 512
+MERGED_CORPUS_SEED = 4321
+
+
+def _merged_recipe_hash() -> str:
+    recipe = {"task": dataclasses.asdict(ArithmeticConfig(word_fraction=0.3)), "vocab": MERGED_VOCAB_SIZE,
+              "seed": MERGED_CORPUS_SEED, "n": CORPUS_SIZE, "special": SPECIAL_TOKENS, "template": CHAT_TEMPLATE,
+              "kind": "merged-digits", "version": 1}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def train_merged_digits_tokenizer() -> PreTrainedTokenizerFast:
+    """Train the second built-in tokenizer (numbers merge into multi-digit tokens; specials last); no caching."""
+    task = ArithmeticTask(ArithmeticConfig(word_fraction=0.3))
+    rng = random.Random(MERGED_CORPUS_SEED)
+    lines = []
+    for i in range(CORPUS_SIZE):
+        p = task.sample(rng, 1 + i % 4)
+        lines.append(p.prompt + p.random_solution(rng))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=MERGED_VOCAB_SIZE, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(lines, trainer=trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+def merged_digits_tokenizer() -> PreTrainedTokenizerFast:
+    """The second built-in tokenizer, trained once and then loaded from the cache."""
+    path = cache_dir() / "tokenizers" / f"arith-merged-{_merged_recipe_hash()}"
+    if not (path / "tokenizer.json").exists():
+        tok = train_merged_digits_tokenizer()
+        with atomic_dir(path) as tmp:
+            tok.save_pretrained(tmp)
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_TOKENIZERS = {"task": task_tokenizer, "merged-digits": merged_digits_tokenizer}
+
+
+def builtin_tokenizer(name: str) -> PreTrainedTokenizerFast:
+    """A built-in tokenizer by name (``task`` or ``merged-digits``, with or without the ``builtin:`` prefix)."""
+    key = name.removeprefix(BUILTIN_PREFIX)
+    if key not in BUILTIN_TOKENIZERS:
+        raise UserError(f"unknown built-in tokenizer {name!r}; available: "
+                        f"{', '.join(BUILTIN_PREFIX + k for k in BUILTIN_TOKENIZERS)}")
+    return BUILTIN_TOKENIZERS[key]()
 
 
 @contextlib.contextmanager

@@ -13,6 +13,8 @@ Entry point for the training loop::
 * Full-vocabulary divergences (:mod:`.divergences`): fkl, rkl, jsd (TRL's generalized JSD), tvd, skl, srkl,
 akl.
 * One-hot estimators and HPD (:mod:`.onehot`): sft, seqkd, rkl_onehot, jsd_onehot, hpd.
+* A teacher with another tokenizer (:mod:`.uld_aligned`): uld (Universal Logit Distillation) and aligned
+  (aligned-span distillation), on a signal with a :class:`CrossVocab`.
 * Teacher signals (:mod:`.signals`): dense logits or hidden states + lm_head, top-k log-probs with a tail
 bucket,
   or the log-probs of given tokens only.
@@ -27,6 +29,7 @@ float64).
 
 from distillarena.objectives import divergences as divergences  # noqa: F401  (registers the built-in divergences)
 from distillarena.objectives import onehot as onehot  # noqa: F401  (registers the one-hot estimators and hpd)
+from distillarena.objectives import uld_aligned as uld_aligned  # noqa: F401  (registers uld and aligned)
 from distillarena.objectives.engine import (
     DEFAULT_CHUNK_ELEMENTS,
     ChunkResult,
@@ -41,22 +44,25 @@ from distillarena.objectives.onehot import HPDWeights, hpd_weights, onehot_weigh
 from distillarena.objectives.registry import (
     ObjectiveSpec,
     available_objectives,
+    cross_vocab_objectives,
     get_objective,
     register_objective,
     unregister_objective,
 )
-from distillarena.objectives.signals import IGNORE_INDEX, LMHeadInput, TeacherSignal
+from distillarena.objectives.signals import IGNORE_INDEX, CrossVocab, LMHeadInput, TeacherSignal
 
 __all__ = [
     "compute_objective",
     "ObjectiveOutput",
     "TeacherSignal",
+    "CrossVocab",
     "LMHeadInput",
     "StudentInput",
     "IGNORE_INDEX",
     "register_objective",
     "unregister_objective",
     "available_objectives",
+    "cross_vocab_objectives",
     "get_objective",
     "ObjectiveSpec",
     "ObjectiveChunk",

@@ -65,8 +65,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distillarena.core.errors import UserError
-from distillarena.objectives.registry import ObjectiveSpec, get_objective
-from distillarena.objectives.signals import IGNORE_INDEX, LMHeadInput, TeacherSignal
+from distillarena.objectives.registry import ObjectiveSpec, cross_vocab_objectives, get_objective
+from distillarena.objectives.signals import IGNORE_INDEX, CrossVocab, LMHeadInput, TeacherSignal
 
 __all__ = [
     "compute_objective",
@@ -120,6 +120,16 @@ class ChunkResult:
     metrics: dict[str, tuple[Tensor | float, Tensor | float]] = field(default_factory=dict)
 
 
+@dataclass
+class CrossRows:
+    """One chunk's rows of a :class:`~distillarena.objectives.signals.CrossVocab` (``matched`` implies ``paired``)."""
+
+    vocab_map: Tensor  # [Vt] long, whole
+    paired: Tensor  # [C] bool
+    matched: Tensor  # [C] bool
+    span_logprob: Tensor  # [C]
+
+
 class ObjectiveChunk:
     """One chunk of ``C`` valid positions, as an objective function sees it.
 
@@ -133,6 +143,11 @@ class ObjectiveChunk:
     * topk: ``topk_ids``, ``topk_logprobs`` ``[C, k]``, ``tail_logprob`` ``[C]``
     * token_logprobs: ``label_logprobs``, ``sampled_ids``, ``sampled_logprobs`` ``[C]`` (sampled may be None)
     * ``extras``: the objective's per-position parameters, sliced to this chunk (e.g. hpd's ``sampled_ids``)
+    * ``cross``: for a teacher with another tokenizer (``cross_vocab`` objectives only), the chunk's rows of the
+      signal's :class:`~distillarena.objectives.signals.CrossVocab`, as :class:`CrossRows` (``paired``,
+      ``matched``, ``span_logprob`` ``[C]``; ``vocab_map`` ``[Vt]`` whole); the teacher's rows
+      (``teacher_logits`` ``[C, Vt]`` or ``topk_*`` with teacher ids) are then in the teacher's vocabulary. None
+      otherwise.
     * ``generator``: the torch.Generator given to compute_objective (or None); ``needs_grad``: whether the
       engine needs a gradient for this call
     """
@@ -148,6 +163,7 @@ class ObjectiveChunk:
         self.sampled_ids: Tensor | None = None
         self.sampled_logprobs: Tensor | None = None
         self.extras: dict[str, Tensor] = {}
+        self.cross: CrossRows | None = None
         self.generator: torch.Generator | None = None
         self.needs_grad = False
         self.teacher_kind = "none"
@@ -346,9 +362,16 @@ class _Plan:
                 raise UserError(
                     f"teacher signal positions {teacher.positions_shape} do not match the student's {self.pshape}"
                 )
+            if teacher.cross is not None and not self.spec.cross_vocab:
+                raise UserError(
+                    f"objective {self.name!r} compares teacher and student token by token over one vocabulary, but "
+                    "this teacher uses another tokenizer: use an objective made for that ("
+                    f"{', '.join(cross_vocab_objectives())})"
+                )
         else:
             raise UserError(f"teacher must be a TeacherSignal (or logits tensor), got {type(teacher).__name__}")
         self.teacher = teacher
+        self.cross: CrossVocab | None = teacher.cross if isinstance(teacher, TeacherSignal) else None
         if self.tkind != "dense" and self.T != 1.0 and self.tkind != "none":
             raise UserError(
                 f"a loss temperature ({self.T}) needs the teacher's full distribution; a {self.tkind!r} "
@@ -361,6 +384,9 @@ class _Plan:
         """The shared vocabulary (a padded one is cut to the smaller with ``align_vocab``)."""
         self.Vt = self.teacher.vocab_size if self.tkind == "dense" else None
         self.V = self.Vs
+        if self.spec.cross_vocab:
+            # the teacher's distribution is compared whole, never indexed by the student's ids: no shared size needed
+            return
         if self.Vt is not None and self.Vt != self.Vs:
             if not align_vocab:
                 raise UserError(
@@ -426,11 +452,18 @@ class _Plan:
             self._prepare_topk(self.teacher)
         elif self.tkind == "token_logprobs":
             self._prepare_tokens(self.teacher)
+        if self.cross is not None:
+            c = self.cross
+            self.cross_map = c.vocab_map.to(self.device, torch.long)
+            self.cross_paired = c.paired.reshape(-1).to(self.device)
+            self.cross_matched = (c.matched & c.paired).reshape(-1).to(self.device)
+            self.cross_span = c.span_logprob.reshape(-1).to(self.device, self.cdtype)
 
     def _plan_chunks(self, chunk_size: int | None) -> None:
         """Chunks of valid positions (a contiguous one is read as a view, no copy)."""
         if chunk_size is None:
-            chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // max(self.V, 1))
+            width = max(self.V, self.Vt or 0) if self.spec.cross_vocab else self.V  # a wider teacher sets the size
+            chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // max(width, 1))
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise UserError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         self.C = chunk_size
@@ -465,9 +498,16 @@ class _Plan:
         lps = _flat_positions(sig.topk_logprobs, nlead).to(self.device, self.cdtype)
         vi = self.valid_idx
         ids_v, lps_v = ids[vi], lps[vi]
-        bad = ((ids_v < 0) | (ids_v >= self.V)).any(-1)
+        vocab: int | None = self.V
+        whose = "student"
+        if self.cross is not None:
+            vocab, whose = self.cross.teacher_vocab_size, "teacher"
+        elif self.spec.cross_vocab:
+            vocab = None  # the teacher's own ids, of a vocabulary the signal does not name
+        bad = ((ids_v < 0) | (ids_v >= (vocab if vocab is not None else math.inf))).any(-1)
         if bool(bad.any()):
-            raise UserError(f"top-k ids at {self._first_bad(bad)} are outside the student vocabulary [0, {self.V})")
+            where = f"outside the {whose} vocabulary [0, {vocab})" if vocab is not None else "negative"
+            raise UserError(f"top-k ids at {self._first_bad(bad)} are {where}")
         if ids_v.shape[-1] > 1:
             srt = ids_v.sort(-1).values
             dup = (srt[:, 1:] == srt[:, :-1]).any(-1)
@@ -483,7 +523,7 @@ class _Plan:
                 "they must be normalized log-probs of the full distribution (log_softmax over the "
                 "vocabulary), not logits"
             )
-        if ids.shape[-1] >= self.V:
+        if vocab is not None and ids.shape[-1] >= vocab:
             # the ids cover the whole vocabulary (they are distinct): the tail is empty, whatever 1 - sum rounds to
             tail = torch.full_like(lse, float("-inf"))
         elif sig.tail_logprob is not None:
@@ -572,7 +612,7 @@ class _Plan:
             )
         if self.T != 1.0:
             t = t / self.T
-        if self.Vt > self.V:
+        if self.Vt > self.V and not self.spec.cross_vocab:
             self._note_dropped("teacher", t[:, : self.V], t[:, self.V :])
             t = t[:, : self.V].contiguous()
         return t
@@ -592,6 +632,13 @@ class _Plan:
             positions_shape=self.pshape,
             extras={k: _rows(v, idx, start) for k, v in self.extras.items()},
         )
+        if self.cross is not None:
+            ch.cross = CrossRows(
+                vocab_map=self.cross_map,
+                paired=_rows(self.cross_paired, idx, start),
+                matched=_rows(self.cross_matched, idx, start),
+                span_logprob=_rows(self.cross_span, idx, start),
+            )
         if self.tkind == "dense":
             ch.teacher_logits = self._teacher_chunk(idx, start)
         elif self.tkind == "topk":

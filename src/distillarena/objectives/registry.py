@@ -29,7 +29,7 @@ from typing import Any
 from distillarena.core.errors import UserError
 from distillarena.objectives.signals import SIGNAL_KINDS
 
-__all__ = ["ObjectiveSpec", "register_objective", "available_objectives", "get_objective"]
+__all__ = ["ObjectiveSpec", "register_objective", "available_objectives", "get_objective", "cross_vocab_objectives"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,9 @@ class ObjectiveSpec:
                   (hpd reads a top-k signal as the log-probs of the label and of one student sample).
     prepare_signal: ``(student, signal, labels, generator, params) -> signal``, for the kinds in ``adapts``; it may
                   pop per-call parameters it has consumed from ``params``.
+    cross_vocab:  it compares distributions without reading the teacher's by the student's token ids (or reads
+                  them through the signal's vocabulary map), so it also takes a teacher in another vocabulary: a
+                  dense or top-k signal with ``cross`` (a teacher with another tokenizer) or of another size.
     """
 
     name: str
@@ -61,6 +64,7 @@ class ObjectiveSpec:
     uses_teacher: bool = True
     adapts: frozenset[str] = frozenset()
     prepare_signal: Callable[..., Any] | None = None
+    cross_vocab: bool = False
 
     @property
     def accepted_signals(self) -> frozenset[str]:
@@ -111,6 +115,7 @@ def register_objective(
     uses_teacher: bool = True,
     adapts: Iterable[str] = (),
     prepare_signal: Callable[..., Any] | None = None,
+    cross_vocab: bool = False,
     overwrite: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register ``fn(chunk, *, param=default, ...)`` under ``name``. Returns ``fn`` unchanged."""
@@ -144,10 +149,16 @@ def register_objective(
             uses_teacher=uses_teacher,
             adapts=adapt_set,
             prepare_signal=prepare_signal,
+            cross_vocab=cross_vocab,
         )
         return fn
 
     return deco
+
+
+def cross_vocab_objectives() -> list[str]:
+    """Registered objectives that take a teacher with another tokenizer (``cross_vocab``)."""
+    return [name for name, spec in _REGISTRY.items() if spec.cross_vocab]
 
 
 def available_objectives() -> dict[str, str]:

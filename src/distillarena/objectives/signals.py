@@ -25,6 +25,15 @@ Teacher signal kinds
     returns. Accepted by the one-hot estimators (sft, seqkd, rkl_onehot, jsd_onehot) and hpd (which needs the
     sampled pair).
 
+Another tokenizer
+-----------------
+A dense or top-k signal may come from a teacher whose tokenizer differs from the student's: its rows are then the
+teacher's distributions (over the *teacher's* vocabulary) gathered at the student's positions, and ``cross``
+(a :class:`CrossVocab`) says how the two tokenizations of the text line up there: which positions have a
+teacher partner, which are one-to-one spans, the vocabulary map built from the token strings, and the teacher's
+log-prob of each aligned span. Only objectives registered with ``cross_vocab=True`` (uld, aligned) accept it;
+``distillarena.teachers.cross`` builds it.
+
 The teacher is always treated as a constant (no gradient flows into it).
 """
 
@@ -39,7 +48,7 @@ from torch import Tensor
 
 from distillarena.core.errors import UserError
 
-__all__ = ["LMHeadInput", "TeacherSignal", "SignalKind", "SIGNAL_KINDS", "IGNORE_INDEX"]
+__all__ = ["LMHeadInput", "TeacherSignal", "CrossVocab", "SignalKind", "SIGNAL_KINDS", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 SignalKind = Literal["dense", "topk", "token_logprobs"]
@@ -111,6 +120,50 @@ def _check_int(name: str, t: Tensor | None, shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
+class CrossVocab:
+    """How a teacher signal in another vocabulary lines up with the student's positions (shapes: ``P``, the
+    positions shape of the labels; ``Vt``, the teacher's vocabulary size).
+
+    vocab_map:    ``[Vt]`` int: the student id of the token with the same string, -1 where the student has none.
+                  One-to-one (no two teacher tokens map to the same student token).
+    paired:       ``[*P]`` bool: the position has a teacher partner; the signal's row there is that partner's
+                  distribution (elsewhere the row is a placeholder that objectives never read).
+    matched:      ``[*P]`` bool: the position is a one-to-one span (the same characters, one token on each side,
+                  the same context before): its teacher row is the distribution over the *same* next token.
+    span_logprob: ``[*P]`` float: the teacher's log-prob of the characters of the aligned span the position
+                  belongs to (the sum over the teacher's tokens in it); 0 where there is none.
+    """
+
+    vocab_map: Tensor
+    paired: Tensor
+    matched: Tensor
+    span_logprob: Tensor
+
+    def __post_init__(self) -> None:
+        _check_int("cross.vocab_map", self.vocab_map)
+        if self.vocab_map.dim() != 1 or self.vocab_map.numel() < 1:
+            raise UserError(f"CrossVocab: vocab_map must be [Vt], got {tuple(self.vocab_map.shape)}")
+        shape = tuple(self.paired.shape)
+        if not isinstance(self.paired, Tensor) or self.paired.dtype != torch.bool:
+            raise UserError("CrossVocab: paired must be a bool tensor")
+        matched = self.matched
+        if not isinstance(matched, Tensor) or matched.dtype != torch.bool or tuple(matched.shape) != shape:
+            raise UserError(f"CrossVocab: matched must be a bool tensor of shape {shape}")
+        _check_float("cross.span_logprob", self.span_logprob, shape)
+        mapped = self.vocab_map[self.vocab_map >= 0]
+        if mapped.numel() != mapped.unique().numel():
+            raise UserError("CrossVocab: vocab_map maps two teacher tokens to the same student token")
+
+    @property
+    def teacher_vocab_size(self) -> int:
+        return int(self.vocab_map.numel())
+
+    @property
+    def positions_shape(self) -> tuple[int, ...]:
+        return tuple(self.paired.shape)
+
+
+@dataclass(frozen=True)
 class TeacherSignal:
     """The teacher's side of one batch of target positions. Build it with the class methods:
 
@@ -131,6 +184,7 @@ class TeacherSignal:
     label_logprobs: Tensor | None = None  # token_logprobs: [*P], teacher log p(label)
     sampled_ids: Tensor | None = None  # token_logprobs: [*P] int, one student sample per position
     sampled_logprobs: Tensor | None = None  # token_logprobs: [*P], teacher log p(sample)
+    cross: CrossVocab | None = None  # dense/topk from a teacher with another tokenizer (see CrossVocab)
 
     def __post_init__(self) -> None:
         if self.kind not in SIGNAL_KINDS:
@@ -175,21 +229,34 @@ class TeacherSignal:
                 raise UserError("TeacherSignal.token_logprobs: give both sampled_ids and sampled_logprobs, or neither")
             _check_int("sampled_ids", self.sampled_ids, shape)
             _check_float("sampled_logprobs", self.sampled_logprobs, shape)
+        if self.cross is not None:
+            if not isinstance(self.cross, CrossVocab):
+                raise UserError("TeacherSignal: cross must be a CrossVocab")
+            if self.kind == "token_logprobs":
+                raise UserError("TeacherSignal: a token_logprobs signal cannot come from another vocabulary")
+            if self.cross.positions_shape != self.positions_shape:
+                raise UserError(f"TeacherSignal: cross positions {self.cross.positions_shape} do not match the "
+                                f"signal's {self.positions_shape}")
+            if self.kind == "dense" and self.vocab_size != self.cross.teacher_vocab_size:
+                raise UserError(f"TeacherSignal: the dense teacher has {self.vocab_size} tokens but cross.vocab_map "
+                                f"covers {self.cross.teacher_vocab_size}")
 
     # ---- constructors -------------------------------------------------------------------------------------
     @classmethod
-    def dense(cls, teacher: Tensor | LMHeadInput) -> TeacherSignal:
+    def dense(cls, teacher: Tensor | LMHeadInput, cross: CrossVocab | None = None) -> TeacherSignal:
         """Full teacher distribution: logits ``[*P, V]`` or an :class:`LMHeadInput` (hidden states +
-        lm_head)."""
+        lm_head); ``cross`` when the teacher's vocabulary is another tokenizer's."""
         if isinstance(teacher, LMHeadInput):
-            return cls(kind="dense", head=teacher)
-        return cls(kind="dense", logits=teacher)
+            return cls(kind="dense", head=teacher, cross=cross)
+        return cls(kind="dense", logits=teacher, cross=cross)
 
     @classmethod
-    def topk(cls, ids: Tensor, logprobs: Tensor, tail_logprob: Tensor | None = None) -> TeacherSignal:
+    def topk(cls, ids: Tensor, logprobs: Tensor, tail_logprob: Tensor | None = None,
+             cross: CrossVocab | None = None) -> TeacherSignal:
         """Top-k teacher log-probs ``[*P, k]`` with their ids; ``tail_logprob`` ``[*P]`` defaults to
-        ``log(1 - sum(exp(logprobs)))``. Ids must be distinct within a position."""
-        return cls(kind="topk", topk_ids=ids, topk_logprobs=logprobs, tail_logprob=tail_logprob)
+        ``log(1 - sum(exp(logprobs)))``. Ids must be distinct within a position; with ``cross`` they are the
+        teacher's own token ids."""
+        return cls(kind="topk", topk_ids=ids, topk_logprobs=logprobs, tail_logprob=tail_logprob, cross=cross)
 
     @classmethod
     def token_logprobs(

@@ -7,6 +7,7 @@ import torch
 
 from distillarena.core.errors import UserError
 from distillarena.models.fingerprint import tokenizer_profile
+from distillarena.objectives import cross_vocab_objectives
 
 
 def check_tokenizers(student_tok, teacher_tok, *, align_vocab: bool = False, what: str = "teacher") -> None:
@@ -28,7 +29,9 @@ def check_tokenizers(student_tok, teacher_tok, *, align_vocab: bool = False, wha
               f"probe text {'tokenized the same' if same_probe else 'tokenized differently'}")
     hint = ("; if one is only a padded copy of the other, set align_vocab: true" if not align_vocab else "")
     raise UserError(f"the student's tokenizer differs from the {what}'s ({detail}): token-level distillation "
-                    f"needs the same tokenizer{hint}")
+                    f"needs the same tokenizer{hint}; for a teacher and a student with different tokenizers, set "
+                    f"cross_tokenizer: {{}} and use one of {', '.join(cross_vocab_objectives())} (or sft on the "
+                    "teacher's text)")
 
 
 def context_length(model: torch.nn.Module) -> int | None:

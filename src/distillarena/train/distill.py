@@ -66,6 +66,7 @@ class Encoded:
     ids: list[int]
     labels: list[int]
     weight: float = 1.0
+    teacher: tuple[list[int], list[int]] | None = None  # the same example in the teacher's tokenizer, if it differs
 
     @property
     def prompt_len(self) -> int:
@@ -84,7 +85,7 @@ class DistillStream(Iterator[dict[str, Any]]):
     """This process's micro-batches, seekable (``seek(n)``: the next one is its ``n``-th)."""
 
     def __init__(self, pools: dict[str, list[Encoded]], stages: list[Stage], *, batch_size: int, grad_accum: int,
-                 world: int = 1, rank: int = 0, seed: int = 0, pad_id: int = 0):
+                 world: int = 1, rank: int = 0, seed: int = 0, pad_id: int = 0, teacher_pad_id: int = 0):
         if not pools.get("data"):
             raise UserError("the training dataset is empty")
         if grad_accum % world:
@@ -94,7 +95,7 @@ class DistillStream(Iterator[dict[str, Any]]):
         self.pools, self.stages = pools, stages
         self.batch_size, self.grad_accum, self.world, self.rank = batch_size, grad_accum, world, rank
         self.per_rank = grad_accum // world
-        self.seed, self.pad_id = seed, pad_id
+        self.seed, self.pad_id, self.teacher_pad_id = seed, pad_id, teacher_pad_id
         self.size = len(pools["data"])
         self.n = 0
         self._perms: dict[int, list[int]] = {}
@@ -135,6 +136,8 @@ class DistillStream(Iterator[dict[str, Any]]):
         weights = [e.weight for e in exs]
         batch = collate([(e.ids, e.labels) for e in exs], self.pad_id,
                         weights=weights if any(w != 1.0 for w in weights) else None)
+        if exs[0].teacher is not None:  # a teacher with another tokenizer: the same examples in its tokenization
+            batch["teacher_batch"] = collate([e.teacher for e in exs], self.teacher_pad_id)
         on_policy = st.lmbda > 0 and random.Random(seed_for(self.seed, "lmbda", g)).random() < st.lmbda
         if not st.seq_kd:
             batch["example_index"] = torch.tensor(idx)
@@ -186,9 +189,11 @@ class OnPolicy:
     prompts (sampled with the current weights), which become its labels."""
 
     def __init__(self, unwrap: Callable[[torch.nn.Module], torch.nn.Module], *, max_new_tokens: int,
-                 temperature: float, seed: int, pad_id: int, eos_id: int | None):
+                 temperature: float, seed: int, pad_id: int, eos_id: int | None,
+                 to_teacher: Callable[[list[int]], list[int]] | None = None, teacher_pad_id: int = 0):
         self.unwrap, self.max_new_tokens, self.temperature = unwrap, max_new_tokens, temperature
         self.seed, self.pad_id, self.eos_id = seed, pad_id, eos_id
+        self.to_teacher, self.teacher_pad_id = to_teacher, teacher_pad_id
         self.batches = 0
         self.on_policy = 0
 
@@ -207,6 +212,17 @@ class OnPolicy:
                                          eos_id=self.eos_id)
         enc = [(p + c, [IGNORE_INDEX] * len(p) + c) for p, c in zip(prompts, completions, strict=True)]
         out = collate(enc, self.pad_id)
+        if "teacher_batch" in batch:
+            # the teacher's twin of each sample: its own prompt, then the student's completion in its tokens
+            if self.to_teacher is None:
+                raise ValueError("OnPolicy needs to_teacher for a batch with a teacher twin")
+            tb = batch["teacher_batch"]
+            twins = []
+            for row, lab, c in zip(tb["input_ids"].tolist(), tb["labels"].tolist(), completions, strict=True):
+                plen = next((i for i, x in enumerate(lab) if x != IGNORE_INDEX), len(lab))
+                tc = self.to_teacher(c)
+                twins.append((row[:plen] + tc, [IGNORE_INDEX] * plen + tc))
+            out["teacher_batch"] = collate(twins, self.teacher_pad_id)
         if "weights" in batch:
             out["weights"] = batch["weights"]
         for k in ("prompt_len", "step", "micro_index", "stage", "on_policy"):
@@ -331,6 +347,42 @@ def heldout_divergences(student: torch.nn.Module, teacher, batches: list[dict[st
     fkl, rkl, hs_, ht_ = (float(x) / n for x in sums)
     return {"heldout_fkl": fkl, "heldout_rkl": rkl, "student_entropy": hs_, "teacher_entropy": ht_,
             "heldout_positions": n}
+
+
+@torch.no_grad()
+def heldout_nll(student: torch.nn.Module, batches: list[dict[str, Tensor]]) -> dict[str, Any]:
+    """The student's negative log-likelihood of the held-out text, teacher-forced: ``heldout_nll`` (nats per target
+    token, over all of them) and ``heldout_nll_by_example`` (each sequence's mean, for paired comparisons between
+    runs). The measure of closeness that needs no shared vocabulary (the text is the teacher's when it generated
+    it)."""
+    was_training = student.training
+    student.eval()
+    total, n = 0.0, 0
+    per_example: list[float] = []
+    try:
+        device = next(student.parameters()).device
+        for b in batches:
+            ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+            labels = b["labels"][:, 1:].to(device)
+            valid = labels != IGNORE_INDEX
+            hs = final_hidden(student, ids, mask)[:, :-1][valid]
+            sh = output_head(student, hs)
+            lab = labels[valid]
+            rows = max(1, (1 << 22) // max(sh.vocab_size, 1))
+            nll = torch.cat([torch.logsumexp(z, -1) - z.gather(-1, lab[c0:c0 + rows, None]).squeeze(-1)
+                             for c0 in range(0, hs.shape[0], rows)
+                             for z in (head_logits(sh, hs[c0:c0 + rows]),)]) if hs.shape[0] else hs.new_zeros(0)
+            total += float(nll.sum())
+            n += int(lab.numel())
+            counts = valid.sum(1).tolist()
+            for part, c in zip(nll.split(counts), counts, strict=True):
+                if c:
+                    per_example.append(float(part.mean()))
+    finally:
+        student.train(was_training)
+    if not n:
+        return {}
+    return {"heldout_nll": total / n, "heldout_nll_positions": n, "heldout_nll_by_example": per_example}
 
 
 def finite_or_none(x: float) -> float | None:

@@ -64,7 +64,15 @@ def resolve_stages(cfg: DistillConfig) -> list[Stage]:
         params = dict(cfg.objective_params if sc.objective_params is None else sc.objective_params)
         spec = get_objective(name)
         if "beta" in spec.defaults and "beta" not in params:
-            params["beta"] = sc.beta if sc.beta is not None else cfg.beta
+            # the config's beta as set (stage, then top level); unset, the config's default 0.5 unless the objective
+            # has its own default (aligned: 0, forward KL on its matched spans)
+            own = spec.defaults["beta"]
+            if sc.beta is not None:
+                params["beta"] = sc.beta
+            elif "beta" in cfg.model_fields_set or own is None:
+                params["beta"] = cfg.beta
+            else:
+                params["beta"] = own
         try:
             spec.resolve_params(params)
         except UserError as e:
