@@ -27,7 +27,9 @@ REGIMES = {
 
 
 @pytest.mark.parametrize("regime", list(REGIMES))
-def test_every_regime_runs_end_to_end(regime, tiny_teacher, tmp_path):
+def test_every_regime_runs_end_to_end(regime, tiny_teacher, tmp_path, monkeypatch):
+    if regime == "seq_kd":  # its own cache: other tests may have generated with this teacher and data already
+        monkeypatch.setenv("DISTILLARENA_CACHE", str(tmp_path / "cache"))
     cfg = tiny_config(tiny_teacher, **REGIMES[regime])
     if "stages" in cfg:
         del cfg["train"]["steps"]  # the stages' steps add up to the run's
