@@ -120,7 +120,7 @@ def entropy_figure(teacher: dict[str, Any], base: dict[str, Any], rows: list[dic
                     label=att)
         inner = ", ".join(f"{k}={v}" for k, v in sorted(strongest.items()))
         ax.set(title=f"{d.kind}({inner})", xlabel="completion position",
-               ylabel=f"entropy (nats), {'several' if key == 'multi' else 'one'} valid step order(s)")
+               ylabel=f"entropy (nats), {'several valid solutions' if key == 'multi' else 'one valid solution'}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return fig

@@ -304,7 +304,7 @@ def distill_sections(r: Report, cfg: DemoConfig, runs: list[dict[str, Any]], tea
     epochs = d.train.steps * d.train.batch_size / max(d.data.train_size, 1)
     r.heading("Distillation: HPD against the baselines")
     student = ("the game's student before any trace" if d.student is None else
-               f"the teacher keeping every {d.student.from_teacher.keep_every}th layer" if d.student.from_teacher
+               f"the teacher keeping one layer in {d.student.from_teacher.keep_every}" if d.student.from_teacher
                else d.student.init)
     r.text(f"Same teacher, same student ({student}), the same fixed set of {d.data.train_size} training prefixes of "
            f"{d.data.task.n_ops}-operation problems seen about {epochs:.0f} times ({d.train.steps} steps of batch "
