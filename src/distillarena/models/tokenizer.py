@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -86,14 +88,19 @@ def train_task_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+def _cached_tokenizer(name: str, train: Callable[[], PreTrainedTokenizerFast]) -> PreTrainedTokenizerFast:
+    """The tokenizer cached as ``<cache>/tokenizers/<name>`` (the name carries its recipe's hash), trained first if
+    it is not there yet."""
+    path = cache_dir() / "tokenizers" / name
+    if not (path / "tokenizer.json").exists():
+        with atomic_dir(path) as tmp:
+            train().save_pretrained(tmp)
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
 def task_tokenizer() -> PreTrainedTokenizerFast:
     """The built-in tokenizer, trained once and then loaded from the cache."""
-    path = cache_dir() / "tokenizers" / f"arith-{_recipe_hash()}"
-    if not (path / "tokenizer.json").exists():
-        tok = train_task_tokenizer()
-        with atomic_dir(path) as tmp:
-            tok.save_pretrained(tmp)
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
+    return _cached_tokenizer(f"arith-{_recipe_hash()}", train_task_tokenizer)
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, path: str | Path) -> None:
@@ -134,12 +141,7 @@ def train_merged_digits_tokenizer() -> PreTrainedTokenizerFast:
 
 def merged_digits_tokenizer() -> PreTrainedTokenizerFast:
     """The second built-in tokenizer, trained once and then loaded from the cache."""
-    path = cache_dir() / "tokenizers" / f"arith-merged-{_merged_recipe_hash()}"
-    if not (path / "tokenizer.json").exists():
-        tok = train_merged_digits_tokenizer()
-        with atomic_dir(path) as tmp:
-            tok.save_pretrained(tmp)
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
+    return _cached_tokenizer(f"arith-merged-{_merged_recipe_hash()}", train_merged_digits_tokenizer)
 
 
 BUILTIN_PREFIX = "builtin:"
@@ -165,3 +167,18 @@ def left_padding(tokenizer):
         yield tokenizer
     finally:
         tokenizer.padding_side = side
+
+
+@functools.lru_cache(maxsize=1)
+def byte_level_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's bytes-to-unicode table: the character a byte-level BPE token uses for each byte
+    (printable bytes map to themselves, the rest to 256 and up), back to the byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}

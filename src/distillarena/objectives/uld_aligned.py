@@ -191,6 +191,22 @@ def _check_weights(*names: str, unit: tuple[str, ...] = ()) -> Callable[[dict[st
 # ------------------------------------------------------------------------------------------------------------
 
 
+def _add_uld_rows(chunk: ObjectiveChunk, t: Tensor | None, rows: Tensor, shifted: Tensor, lse: Tensor,
+                  q: Tensor | None, grad: Tensor | None, value: Tensor, weight: float) -> tuple[Tensor, Tensor]:
+    """``weight`` x the ULD distance of ``rows`` added to ``value``, and (when ``grad`` is given) its gradient with
+    respect to the student's logits (through the softmax ``q``) added to ``grad``; returns the new value and the sum
+    of the distances."""
+    p_sorted, p_tail = sorted_teacher_probs(chunk, t, rows)
+    d, g = uld_distance(shifted[rows], lse[rows], p_sorted, p_tail, grad is not None)
+    value = value.index_add(0, rows, d * weight)
+    if grad is not None:
+        assert g is not None and q is not None
+        qr = q[rows]
+        g.sub_((qr * g).sum(-1, keepdim=True)).mul_(qr)
+        grad.index_add_(0, rows, g.mul_(weight))
+    return value, d.sum()
+
+
 @register_objective("uld", signals=("dense", "topk"), needs_labels=True, returns_grad=True, cross_vocab=True,
                     validate=_check_weights("ce_weight", "uld_weight"))
 def uld(chunk: ObjectiveChunk, *, ce_weight: float = 1.0, uld_weight: float = 1.5) -> ChunkResult:
@@ -205,7 +221,7 @@ def uld(chunk: ObjectiveChunk, *, ce_weight: float = 1.0, uld_weight: float = 1.
     del z
     C = labels.shape[0]
     value = -_label_logprob(shifted, lse, labels) * ce_weight
-    grad = None
+    q = grad = None
     if want:
         q = (shifted - lse).exp()
         grad = torch.zeros_like(q)
@@ -214,15 +230,7 @@ def uld(chunk: ObjectiveChunk, *, ce_weight: float = 1.0, uld_weight: float = 1.
     rows = paired.nonzero().squeeze(-1)
     dist_sum = torch.zeros((), dtype=shifted.dtype, device=shifted.device)
     if rows.numel() and uld_weight > 0:
-        p_sorted, p_tail = sorted_teacher_probs(chunk, t, rows)
-        d, g = uld_distance(shifted[rows], lse[rows], p_sorted, p_tail, want)
-        value = value.index_add(0, rows, d * uld_weight)
-        dist_sum = d.sum()
-        if want:
-            assert g is not None and grad is not None
-            qr = q[rows]
-            g.sub_((qr * g).sum(-1, keepdim=True)).mul_(qr)
-            grad.index_add_(0, rows, g.mul_(uld_weight))
+        value, dist_sum = _add_uld_rows(chunk, t, rows, shifted, lse, q, grad, value, uld_weight)
     metrics: Metrics = {"uld/distance": (dist_sum, paired.sum().to(dist_sum.dtype)),
                         "uld/paired_frac": (paired.sum().to(dist_sum.dtype), float(C))}
     if want:
@@ -304,15 +312,7 @@ def aligned(chunk: ObjectiveChunk, *, beta: float = 0.0, uld_weight: float = 0.0
     other = paired & ~matched
     rows = other.nonzero().squeeze(-1)
     if rows.numel() and uld_weight > 0:
-        p_sorted, p_tail = sorted_teacher_probs(chunk, t, rows)
-        d, g = uld_distance(shifted[rows], lse[rows], p_sorted, p_tail, want)
-        value = value.index_add(0, rows, d * uld_weight)
-        uld_sum = d.sum()
-        if want:
-            assert grad is not None and g is not None and q is not None
-            qr = q[rows]
-            g.sub_((qr * g).sum(-1, keepdim=True)).mul_(qr)
-            grad.index_add_(0, rows, g.mul_(uld_weight))
+        value, uld_sum = _add_uld_rows(chunk, t, rows, shifted, lse, q, grad, value, uld_weight)
     if merged_weight > 0:
         w = torch.where(other, span_lp.exp(), zero) * merged_weight
         value = value - w * lq_label

@@ -74,6 +74,7 @@ from distillarena.decoding import cut_at_stop_strings, model_vocab_size
 from distillarena.decoding.sampler import SampleResult, SampleStep, sample_steps
 from distillarena.defenses.reveal import KeyedNoise
 from distillarena.defenses.spec import defense_spec
+from distillarena.models.tokenizer import byte_level_decoder
 from distillarena.serve.backend import (
     EngineClosed,
     GenJob,
@@ -100,7 +101,7 @@ class TokenTable:
         added = {i: t.content for i, t in decoder_added.items()}
         pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
         decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-        table = _byte_decoder()
+        table = byte_level_decoder()
         self.byte_level = "ByteLevel" in repr(decoder) and all(
             i in added or all(ch in table for ch in (p or "")) for i, p in enumerate(pieces))
         out: list[bytes] = []
@@ -134,19 +135,6 @@ class TokenTable:
             length += len(s)
         parts.append(dec.decode(b"", final=True))
         return "".join(parts), offsets
-
-
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's bytes_to_unicode (the alphabet of byte-level BPE tokens)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    cs = bs[:]
-    k = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + k)
-            k += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
 class Engine:

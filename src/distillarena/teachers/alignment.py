@@ -26,29 +26,16 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from torch import Tensor
+
+from distillarena.models.tokenizer import byte_level_decoder
 
 __all__ = ["TokenTable", "token_table", "vocab_map", "align", "Span", "pair_positions", "Pairing"]
 
 _ROLES = ("eos", "bos", "pad", "unk")
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
-
-@lru_cache(maxsize=1)
-def _unicode_to_byte() -> dict[str, int]:
-    """The inverse of GPT-2's byte-to-unicode table (printable bytes map to themselves, the rest to 256+)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
 def _decoder_kinds(tokenizer) -> set[str]:
@@ -99,7 +86,7 @@ def token_table(tokenizer) -> TokenTable:
     kinds = _decoder_kinds(tokenizer)
     byte_level = "ByteLevel" in kinds
     metaspace = "Metaspace" in kinds or "ByteFallback" in kinds
-    u2b = _unicode_to_byte()
+    u2b = byte_level_decoder()
     added = {int(i): t for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
     roles: dict[int, str] = {}
     for role in reversed(_ROLES):  # eos wins when one token has several roles (pad = eos)
