@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from distillarena.report.stats import Interval, finite, mean_std, paired_difference, paired_ratio
+from distillarena.report.stats import Interval, finite, mean_std, outcomes, paired_difference, paired_ratio
 
 
 def recovery(acc: float, base: float, ref: float) -> tuple[float, str | None]:
@@ -84,10 +84,6 @@ def gaps(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # between a defended cell and the same attacker's undefended reference.
 
 RECOVERY_FLOOR = 0.05  # R is reported only when the undefended gain's interval stays above this
-
-
-def outcomes(s: str | None) -> np.ndarray | None:
-    return None if not s else np.frombuffer(s.encode(), dtype=np.uint8).astype(np.float64) - ord("0")
 
 
 def _matrix(rows: list[dict[str, Any]], seeds: list[int]) -> np.ndarray | None:

@@ -43,8 +43,15 @@ from distillarena.game.attack import encode_traces, plan_attack, train_student
 from distillarena.game.collect import collect, game_task, load_traces
 from distillarena.game.config import AttackerConfig, DefenseConfig, GameConfig
 from distillarena.game.keys import UNDEFENDED, base_key, cell_key, digest, traces_key, world_of
-from distillarena.game.metrics import RECOVERY_FLOOR, aggregate, gap_intervals, gaps, intervals, recovery
-from distillarena.report.stats import finite
+from distillarena.game.metrics import (
+    RECOVERY_FLOOR,
+    aggregate,
+    gap_intervals,
+    gaps,
+    intervals,
+    recovery,
+)
+from distillarena.report.stats import finite, outcomes, paired_ratio
 from distillarena.tasks.data import encode_example, problem_example
 from distillarena.train.teacher import resolve_model
 
@@ -258,9 +265,9 @@ def table(cfg: GameConfig, out: Path) -> list[dict[str, Any]]:
         if r["undefended_reference"]:
             refs[(r["attacker"], r["seed"])] = r["student_accuracy"]
         rows.append(r)
-    per_cell = intervals([{**r, "defense_label": f"{r['defense_label']}#{r['seed']}"} for r in rows]
-                         + [{**r, "defense_label": f"ref#{r['seed']}"} for r in rows if r["undefended_reference"]],
-                         base.get("correct"))
+    base_out = outcomes(base.get("correct"))
+    ref_out = {(r["attacker"], r["seed"]): outcomes(r.get("student_correct")) for r in rows
+               if r["undefended_reference"]}
     for r in rows:
         r["base_accuracy"] = base["accuracy"]
         ref = refs.get((r["attacker"], r["seed"]))
@@ -269,8 +276,9 @@ def table(cfg: GameConfig, out: Path) -> list[dict[str, Any]]:
             r["recovery"], r["recovery_note"] = float("nan"), "the undefended reference cell is missing"
         else:
             r["recovery"], r["recovery_note"] = recovery(r["student_accuracy"], base["accuracy"], ref)
-        ratio = per_cell.get((f"{r['defense_label']}#{r['seed']}", r["attacker"]), {}).get("recovery")
-        if ratio is not None:
+        x, ref_x = outcomes(r.get("student_correct")), ref_out.get((r["attacker"], r["seed"]))
+        if base_out is not None and x is not None and ref_x is not None and x.size == ref_x.size == base_out.size:
+            ratio = paired_ratio(x - base_out, ref_x - base_out, floor=RECOVERY_FLOOR)  # this cell's seed alone
             r["recovery_ci"] = ratio.as_dict()
             if ratio.unstable and finite(r["recovery"]):
                 r["recovery"], r["recovery_note"] = float("nan"), (

@@ -37,7 +37,7 @@ from distillarena.models.presets import load_model, load_tokenizer
 from distillarena.recipes.config import DemoConfig
 from distillarena.report.findings import compute_findings, format_mean_std
 from distillarena.report.html import Report
-from distillarena.report.stats import bootstrap_mean, mean_std, paired_difference
+from distillarena.report.stats import bootstrap_mean, mean_std, outcomes, paired_difference
 from distillarena.tasks.arithmetic import ArithmeticTask
 from distillarena.train.config import CheckpointConfig, DistillConfig, LoggingConfig, StudentConfig, TeacherSource
 from distillarena.train.teacher import PROBE_DIFFICULTY, TeacherResult, model_path, task_config, teach
@@ -272,7 +272,7 @@ def _outcome_matrix(runs: list[dict[str, Any]], step: int | None) -> np.ndarray 
         rec = run["final"] if step is None else next((c for c in run["curve"] if c["step"] == step), {})
         if not rec.get("correct"):
             return None
-        rows.append(np.frombuffer(rec["correct"].encode(), dtype=np.uint8).astype(np.float64) - ord("0"))
+        rows.append(outcomes(rec["correct"]))
     return np.stack(rows) if rows else None
 
 

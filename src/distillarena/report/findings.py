@@ -26,7 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from distillarena.report.stats import Interval, bootstrap_mean, finite, mean_std, paired_difference, verdict
+from distillarena.report.stats import (
+    Interval,
+    bootstrap_mean,
+    finite,
+    mean_std,
+    outcomes,
+    paired_difference,
+    verdict,
+)
 
 QUESTIONS = {
     1: "Do adaptive students learn more from defended traces than passive ones?",
@@ -42,10 +50,6 @@ def format_mean_std(m: float, s: float, n: int = 2, digits: int = 2) -> str:
     if not finite(m):
         return "n/a"
     return f"{m:.{digits}f}" if n < 2 else f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
-def _outcomes(s: str | None) -> np.ndarray | None:
-    return None if not s else np.frombuffer(s.encode(), dtype=np.uint8).astype(np.float64) - ord("0")
 
 
 def _defended(r: dict[str, Any]) -> bool:
@@ -67,7 +71,7 @@ def _not_measured(why: str, seeds: list[int] | None = None) -> dict[str, Any]:
 
 def _stack(rows: list[dict[str, Any]], seeds: list[int], key: str = "student_correct") -> np.ndarray | None:
     by = {r["seed"]: r.get(key) for r in rows}
-    arrs = [_outcomes(by.get(s)) if isinstance(by.get(s), str) else
+    arrs = [outcomes(by.get(s)) if isinstance(by.get(s), str) else
             (np.asarray(by[s], dtype=np.float64) if by.get(s) is not None else None) for s in seeds]
     if not arrs or any(a is None for a in arrs):
         return None
@@ -218,16 +222,16 @@ def hpd_entropy(runs: list[dict[str, Any]], teacher_first: list[float] | None) -
     if featured not in by or reference not in by:
         return _not_measured("needs hpd and sft among the objectives", seeds_all)
 
-    def outcomes(obj: str, seeds: list[int]) -> np.ndarray | None:
+    def final_outcomes(obj: str, seeds: list[int]) -> np.ndarray | None:
         return _stack([{"seed": r["seed"], "student_correct": r["final"].get("correct")} for r in by[obj]], seeds)
 
     seeds = sorted(set.intersection(*[{r["seed"] for r in rs} for rs in by.values()]))
     acc = {o: mean_std([r["final"].get("accuracy") for r in rs]) for o, rs in by.items()}
     baselines = [o for o in by if o != featured and finite(acc[o][0])]
-    if not baselines or outcomes(featured, seeds) is None:
+    if not baselines or final_outcomes(featured, seeds) is None:
         return _not_measured("needs per-problem outcomes of hpd and at least one baseline", seeds_all)
     best = max(baselines, key=lambda o: acc[o][0])
-    acc_gap = paired_difference(outcomes(featured, seeds), outcomes(best, seeds))
+    acc_gap = paired_difference(final_outcomes(featured, seeds), final_outcomes(best, seeds))
     acc_verdict = verdict(acc_gap, margin=0.0)
     # "at least as accurate": no only when HPD is clearly below the best baseline
     acc_answer = "no" if acc_verdict == "no" else "yes" if acc_verdict == "yes" else "inconclusive"

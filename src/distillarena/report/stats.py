@@ -32,6 +32,11 @@ def mean_std(xs: list[float | None]) -> tuple[float, float, int]:
 # paired). With one seed only the problems are resampled.
 
 BOOTSTRAP_REPLICATES = 2000
+
+
+def outcomes(s: str | None) -> np.ndarray | None:
+    """Per-problem outcomes stored as a string of 0/1 (``TaskEval.outcomes``) as a float array; None if absent."""
+    return None if not s else np.frombuffer(s.encode(), dtype=np.uint8).astype(np.float64) - ord("0")
 LEVEL = 0.95
 
 
