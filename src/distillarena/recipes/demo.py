@@ -38,9 +38,8 @@ from distillarena.recipes.config import DemoConfig
 from distillarena.report.findings import compute_findings, format_mean_std
 from distillarena.report.html import Report
 from distillarena.report.stats import bootstrap_mean, mean_std, outcomes, paired_difference
-from distillarena.tasks.arithmetic import ArithmeticTask
 from distillarena.train.config import CheckpointConfig, DistillConfig, LoggingConfig, StudentConfig, TeacherSource
-from distillarena.train.teacher import PROBE_DIFFICULTY, TeacherResult, model_path, task_config, teach
+from distillarena.train.teacher import PROBE_DIFFICULTY, TeacherResult, model_path, teach
 
 OBJECTIVE_LABELS = {"hpd": "HPD", "sft": "SFT", "seqkd": "SeqKD (one-hot forward KL)",
                     "rkl_onehot": "one-hot reverse KL", "jsd_onehot": "one-hot JSD"}
@@ -77,7 +76,7 @@ def run_demo(cfg: DemoConfig, out: Path, console: Console | None = None) -> Path
     p0 = phase_done("teacher", p0)
 
     console.rule("[bold]2. Teacher evaluation")
-    task = ArithmeticTask(task_config(cfg.teacher))
+    task = cfg.teacher.task.build()
     test = task.problems("test", cfg.eval.n_per_difficulty * len(cfg.eval.difficulties),
                          cfg.eval.difficulties, seed=cfg.eval.seed)
     ev = evaluate_problems(model, tok, test, max_new_tokens=cfg.eval.max_new_tokens)

@@ -18,7 +18,7 @@ from distillarena.core.progress import progress
 from distillarena.evaluate.task_eval import evaluate_problems
 from distillarena.models.presets import build_preset, count_parameters, load_model, load_tokenizer
 from distillarena.models.tokenizer import task_tokenizer
-from distillarena.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
+from distillarena.tasks.arithmetic import ArithmeticTask
 from distillarena.tasks.data import arithmetic_stream, collate, encode_example
 from distillarena.train.config import ModelRef, TeacherConfig
 from distillarena.train.loop import LoopConfig, StepLog, causal_lm_loss_sum, train
@@ -39,10 +39,6 @@ class TeacherResult:
     def log(self) -> list[dict[str, Any]]:
         f = self.path / LOG_FILE
         return [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
-
-
-def task_config(cfg: TeacherConfig) -> ArithmeticConfig:
-    return cfg.task.arithmetic()
 
 
 def tokenizer_id() -> str:
@@ -67,7 +63,7 @@ def teach(cfg: TeacherConfig, *, force: bool = False, console: Console | None = 
     torch.manual_seed(cfg.train.seed)
     tok = task_tokenizer()
     model = build_preset(cfg.preset, tok, seed=cfg.train.seed)
-    acfg = task_config(cfg)
+    acfg = cfg.task.arithmetic()
     stream = arithmetic_stream(cfg.task.n_ops, cfg.train.seed, acfg)
     bs = cfg.train.batch_size
 
