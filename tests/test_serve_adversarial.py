@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from distillarena.serve.config import GREEDY_BELOW, BatchingConfig, PolicyConfig, ServeConfig
-from distillarena.serve.testing import running_server, save_tiny_model
+from distillarena.serve.testing import post_raw, running_server, save_tiny_model
 
 K = 5
 TOL = 1e-4  # the same context in another batch shape: float32 sums in another order
@@ -92,16 +92,8 @@ def teacher_logprobs(server, ids: list[int]) -> torch.Tensor:
 
 def post(server, path: str, body: dict, token: str | None = None, raw: bytes | None = None,
          headers: dict | None = None):
-    data = raw if raw is not None else json.dumps(body).encode()
-    h = {"Content-Type": "application/json", **(headers or {})}
-    if token is not None:
-        h["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(server.base_url + path, data=data, headers=h, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            status, text = r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        status, text = e.code, e.read().decode()
+    """(status, parsed JSON, or the parsed events of a stream) of a raw POST."""
+    status, _, text = post_raw(server.base_url, path, body, token, raw, headers)
     if text.startswith("data: "):
         return status, [json.loads(x[6:]) for x in text.splitlines() if x.startswith("data: {")]
     return status, json.loads(text)

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from distillarena.serve.config import BatchingConfig, PolicyConfig, ServeConfig
-from distillarena.serve.testing import running_server, save_tiny_model
+from distillarena.serve.testing import post_raw, running_server, save_tiny_model
 
 CAP = 24
 
@@ -39,20 +39,11 @@ def client(server, token, **kw):
 
 def post(server, path, body, token=None, raw=None, headers=None):
     """(status, headers, parsed JSON or text) of a raw POST."""
-    data = raw if raw is not None else json.dumps(body).encode()
-    h = {"Content-Type": "application/json", **(headers or {})}
-    if token is not None:
-        h["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(server.base_url + path, data=data, headers=h, method="POST")
+    status, hdrs, text = post_raw(server.base_url, path, body, token, raw, headers, timeout=60)
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            status, hdrs, text = r.status, dict(r.headers), r.read().decode()
-    except urllib.error.HTTPError as e:
-        status, hdrs, text = e.code, dict(e.headers), e.read().decode()
-    try:
-        return status, {k.lower(): v for k, v in hdrs.items()}, json.loads(text)
+        return status, hdrs, json.loads(text)
     except json.JSONDecodeError:
-        return status, {k.lower(): v for k, v in hdrs.items()}, text
+        return status, hdrs, text
 
 
 CHAT = {"model": "tiny-teacher", "messages": [{"role": "user", "content": "What is 2+3?"}], "max_tokens": 6}

@@ -19,6 +19,27 @@ from distillarena.serve.store import Store
 FAST_KDF = "scrypt:1024:8:1"  # cheap key hashing for tests (the default is scrypt n=2**14)
 
 
+def post_raw(base_url: str, path: str, body: dict | None, token: str | None = None, raw: bytes | None = None,
+             headers: dict | None = None, timeout: float = 120) -> tuple[int, dict[str, str], str]:
+    """A raw JSON POST as a client would send it (or the bytes ``raw``): (status, lower-cased headers, body text),
+    error statuses included."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = raw if raw is not None else json.dumps(body).encode()
+    h = {"Content-Type": "application/json", **(headers or {})}
+    if token is not None:
+        h["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(base_url + path, data=data, headers=h, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, hdrs, text = r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, hdrs, text = e.code, dict(e.headers), e.read().decode()
+    return status, {k.lower(): v for k, v in hdrs.items()}, text
+
+
 def save_tiny_model(path: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
     """A freshly initialised preset with the built-in tokenizer, saved as a plain Hugging Face folder."""
     from distillarena.models.presets import build_preset
