@@ -106,7 +106,9 @@ class JsonlWriter:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Records of a JSON lines file; a torn last line (a crash mid-write) is skipped, not an error."""
     out = []
-    lines = Path(path).read_text().splitlines()
+    # "\n" only: str.splitlines also splits at U+0085, U+2028 and U+2029, which JSON strings hold unescaped
+    # (ensure_ascii=False), and a model's sampled text may contain them
+    lines = Path(path).read_text(encoding="utf-8").split("\n")
     for i, line in enumerate(lines):
         if not line.strip():
             continue
