@@ -151,6 +151,7 @@ def main() -> None:
     ap.add_argument("--hpd-steps", type=int, default=None, help="steps of the short HPD run")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest for tiny models on 2 cores)")
     ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--only-trl", action="store_true", help="only section 4 (ours vs TRL), e.g. for the toy target")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -180,42 +181,43 @@ def main() -> None:
 
     # --- 2. the top-k cache (built first: the step-cost comparison reads it)
     tmp = Path(tempfile.mkdtemp(prefix="bench-distill-"))
-    cache_rows = []
-    for k in ([32, 128] if args.quick else [8, 32, 64, 128, teacher.vocab_size]):
+    cache_rows: list[dict] = []
+    step_rows: list[dict] = []
+    for k in [] if args.only_trl else ([32, 128] if args.quick else [8, 32, 64, 128, teacher.vocab_size]):
         for bits in ([8] if args.quick else [8, 16]):
             t0 = time.perf_counter()
             st = build_topk_cache(tmp / f"c{k}-{bits}", teacher, [(e.ids, e.labels) for e in pool], k=k, bits=bits,
                                   teacher_id=model_fingerprint(teacher.model))
             cache_rows.append({"k": k, "bits": bits, **st.as_dict(), "build_s": time.perf_counter() - t0})
     results["topk_cache"] = cache_rows
-    cache = TopKCache(tmp / "c128-8")
+    common = dict(steps=steps, warmup=warmup, batch_size=args.batch_size, student_preset=args.student_preset)
 
     # --- 1. step cost
-    common = dict(steps=steps, warmup=warmup, batch_size=args.batch_size, student_preset=args.student_preset)
-    step_rows = []
-    for label, access, obj in [("fkl, live teacher", teacher, "fkl"), ("hpd, live teacher", teacher, "hpd"),
-                               ("fkl, top-k cache", cache, "fkl"), ("hpd, top-k cache", cache, "hpd")]:
+    timed = [] if args.only_trl else [("fkl, live teacher", teacher, "fkl"), ("hpd, live teacher", teacher, "hpd"),
+                                      ("fkl, top-k cache", TopKCache(tmp / "c128-8"), "fkl"),
+                                      ("hpd, top-k cache", TopKCache(tmp / "c128-8"), "hpd")]
+    for label, access, obj in timed:
         console.print(f"timing {label} ...")
         r = best_of(lambda a=access, o=obj: time_our_steps(a, tok, pool, objective=o, params={}, **common), repeats)
         step_rows.append({"config": label, **r})
-    base = step_rows[0]["step_ms"]
     for r in step_rows:
-        r["vs_fkl_live"] = r["step_ms"] / base
+        r["vs_fkl_live"] = r["step_ms"] / step_rows[0]["step_ms"]
     results["step_cost"] = step_rows
 
     # --- 3. a short HPD run
-    with tempfile.TemporaryDirectory() as d:
-        run_cfg = DistillConfig.model_validate({
-            "teacher": {"path": teacher_path}, "student": {"preset": args.student_preset},
-            "data": {"train_size": 128 if args.quick else 512}, "objective": "hpd",
-            "train": {"steps": hpd_steps, "batch_size": args.batch_size, "eval_every": 0, "log_every": 10},
-            "eval": {"n_examples": 64, "n_problems": 0}, "checkpoint": {"every": 0}})
-        res = run_distill(run_cfg, Path(d) / "run", console=Console(quiet=True))
-        results["hpd_run"] = {"steps": hpd_steps,
-                              "heldout_fkl_before": res.summary["eval_initial"]["heldout_fkl"],
-                              "heldout_fkl_after": res.summary["eval_final"]["heldout_fkl"],
-                              "student_entropy_after": res.summary["eval_final"]["student_entropy"],
-                              "teacher_entropy": res.summary["eval_final"]["teacher_entropy"]}
+    if not args.only_trl:
+        with tempfile.TemporaryDirectory() as d:
+            run_cfg = DistillConfig.model_validate({
+                "teacher": {"path": teacher_path}, "student": {"preset": args.student_preset},
+                "data": {"train_size": 128 if args.quick else 512}, "objective": "hpd",
+                "train": {"steps": hpd_steps, "batch_size": args.batch_size, "eval_every": 0, "log_every": 10},
+                "eval": {"n_examples": 64, "n_problems": 0}, "checkpoint": {"every": 0}})
+            res = run_distill(run_cfg, Path(d) / "run", console=Console(quiet=True))
+            results["hpd_run"] = {"steps": hpd_steps,
+                                  "heldout_fkl_before": res.summary["eval_initial"]["heldout_fkl"],
+                                  "heldout_fkl_after": res.summary["eval_final"]["heldout_fkl"],
+                                  "student_entropy_after": res.summary["eval_final"]["student_entropy"],
+                                  "teacher_entropy": res.summary["eval_final"]["teacher_entropy"]}
 
     # --- 4. TRL
     trl_rows = []
@@ -231,15 +233,25 @@ def main() -> None:
             gen = dict(max_new_tokens=32, temperature=0.9)
             for lmbda in (0.0, 1.0):
                 console.print(f"timing ours vs TRL GKDTrainer, jsd beta=0.5, lambda={lmbda:g} ...")
-                ours = best_of(lambda lm=lmbda: time_our_steps(teacher, tok, pool, objective="jsd",
-                                                              params={"beta": 0.5}, lmbda=lm, **common, **gen),
-                               repeats)
-                with tempfile.TemporaryDirectory() as d:
-                    theirs = best_of(lambda lm=lmbda, d=d: time_trl(
-                        teacher_path, tok, pool, lmbda=lm, steps=steps, warmup=warmup, batch_size=args.batch_size,
-                        student_preset=args.student_preset, out_dir=d, **gen), repeats)
+                # interleaved rounds (ours, then TRL, then ours ...): a change of the machine's load hits both
+                rounds = []
+                for _ in range(repeats):
+                    load = os.getloadavg()[0]
+                    o = time_our_steps(teacher, tok, pool, objective="jsd", params={"beta": 0.5}, lmbda=lmbda,
+                                       **common, **gen)
+                    with tempfile.TemporaryDirectory() as d:
+                        t = time_trl(teacher_path, tok, pool, lmbda=lmbda, steps=steps, warmup=warmup,
+                                     batch_size=args.batch_size, student_preset=args.student_preset, out_dir=d,
+                                     **gen)
+                    rounds.append({"ours": o, "trl": t, "ratio": o["tokens_per_s"] / t["tokens_per_s"],
+                                   "load_before": load, "load_after": os.getloadavg()[0]})
+                ours = min((r["ours"] for r in rounds), key=lambda r: r["step_ms"])
+                theirs = min((r["trl"] for r in rounds), key=lambda r: r["step_ms"])
+                ratios = [r["ratio"] for r in rounds]
                 trl_rows.append({"lmbda": lmbda, "ours": ours, "trl": theirs,
-                                 "speedup_tokens_per_s": ours["tokens_per_s"] / theirs["tokens_per_s"]})
+                                 "speedup_tokens_per_s": ours["tokens_per_s"] / theirs["tokens_per_s"],
+                                 "round_ratios": ratios, "round_ratio_median": statistics.median(ratios),
+                                 "rounds": rounds})
             results["trl"] = {"version": trl_version, "rows": trl_rows}
 
     # --- report
@@ -252,22 +264,25 @@ def main() -> None:
         console.print(f"  k={r['k']:<4} {r['bits']:>2}-bit  {r['signal_bytes_per_token']:5.0f} B/token "
                       f"({r['file_bytes_per_token']:5.0f} with ids)  KL mean {r['kl_mean']:.2e}  max {r['kl_max']:.2e}"
                       f"  tail {r['tail_mass_mean']:.2e}")
-    h = results["hpd_run"]
-    console.rule(f"short HPD run ({h['steps']} steps)")
-    console.print(f"  held-out forward KL {h['heldout_fkl_before']:.4f} -> {h['heldout_fkl_after']:.4f}; "
-                  f"student entropy {h['student_entropy_after']:.3f} (teacher {h['teacher_entropy']:.3f})")
+    h = results.get("hpd_run")
+    if h:
+        console.rule(f"short HPD run ({h['steps']} steps)")
+        console.print(f"  held-out forward KL {h['heldout_fkl_before']:.4f} -> {h['heldout_fkl_after']:.4f}; "
+                      f"student entropy {h['student_entropy_after']:.3f} (teacher {h['teacher_entropy']:.3f})")
     if trl_rows:
         console.rule(f"ours vs TRL {results['trl']['version']} GKDTrainer (jsd beta=0.5; tokens/s)")
         for r in trl_rows:
             console.print(f"  lambda={r['lmbda']:g}: ours {r['ours']['tokens_per_s']:9,.0f}  "
-                          f"TRL {r['trl']['tokens_per_s']:9,.0f}  ratio {r['speedup_tokens_per_s']:.2f}x  "
+                          f"TRL {r['trl']['tokens_per_s']:9,.0f}  ratio {r['speedup_tokens_per_s']:.2f}x "
+                          f"(per round {', '.join(f'{x:.2f}' for x in r['round_ratios'])})  "
                           f"(ms/step {r['ours']['step_ms']:.0f} vs {r['trl']['step_ms']:.0f})")
 
     meta = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "python": platform.python_version(),
             "torch": torch.__version__, "threads": args.threads, "cpus": os.cpu_count(),
             "load_avg": os.getloadavg(), "quick": args.quick, "steps": steps, "repeats": repeats,
             "hpd_objective_signals": sorted(get_objective("hpd").signals)}
-    out = args.out or HERE / "results" / f"distill{'-quick' if args.quick else ''}.json"
+    name = "distill" + ("-trl" if args.only_trl else "") + ("-quick" if args.quick else "")
+    out = args.out or HERE / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, **results}, indent=1))
     console.print(f"written {out}")

@@ -20,7 +20,8 @@ def write(tmp_path, text: str):
     ("defenses: [{kind: temperature, strengths: [{gamma: 0.3}]}]\n", "defenses.0", "does not take gamma"),
     ("defenses: [{kind: truncation, strengths: [{top_k: 2.5}]}]\n", "defenses.0", "top_k must be an integer"),
     ("defenses: [{kind: antidistillation, strengths: [{method: exact}]}]\n", "defenses.0", "method must be"),
-    ("defenses: [{kind: watermark}]\n", "defenses.0.kind", "Input should be"),
+    ("defenses: [{kind: blur}]\n", "defenses.0.kind", "Input should be"),
+    ("defenses: [{kind: watermark, strengths: [{gamma: 1.0}]}]\n", "defenses.0", "watermark gamma must be in (0, 1)"),
     ("attackers: [{kind: passive, objective: nope}]\n", "attackers.0.objective", "unknown objective 'nope'"),
     ("attackers: [{kind: passive, objective: akl}]\n", "attackers.0.objective", "cannot learn from revealed top-k"),
 ])

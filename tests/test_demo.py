@@ -74,8 +74,9 @@ def test_demo_tells_the_whole_story(tmp_path):
     assert summary["findings"][2]["verdict"] == "not measured"  # no antidistillation in this game
     assert {(d["objective"], d["seed"]) for d in summary["distill"]} == {("hpd", 0), ("sft", 0)}
     assert all((out / "distill" / f"{o}-seed0" / "student" / "config.json").is_file() for o in ("hpd", "sft"))
-    # the game: the undefended reference and PoE, against the demo's passive and adaptive students, one seed
-    assert summary["game"]["cells"] == 4
+    # the game: the undefended reference and PoE, against the demo's four attackers (passive, adaptive, value tilt,
+    # verifier filter), one seed
+    assert summary["game"]["cells"] == 8
     assert (out / "game" / "results.csv").is_file()
     assert set(summary["phase_seconds"]) == {"teacher", "teacher_eval", "distill", "game"}
     # rerun on the same folder: finished distillation runs and game cells are kept, not recomputed

@@ -36,7 +36,7 @@ def traces_config(paths, **defense):
 
 def test_policy_bad_input(task_tok):
     with pytest.raises(UserError, match="unknown defense"):
-        build_policy("watermark")
+        build_policy("blur")
     with pytest.raises(UserError, match="does not take gamma"):
         build_policy("temperature", {"gamma": 0.3})
     with pytest.raises(UserError, match="needs a proxy"):

@@ -46,3 +46,29 @@ def test_loss_goes_down(task_tok):
           on_log=logs.append)
     assert logs[-1].loss < 0.6 * logs[0].loss
     assert logs[-1].tokens > 0 and logs[-1].tokens_per_s > 0
+
+
+def test_a_bf16_accelerator_left_in_the_process_does_not_leak_into_training(task_tok):
+    """accelerate's state is process-wide: a trainer that asked for bf16 earlier in the process (TRL's and HF's
+    TrainingArguments default to it on CPUs with bf16) made every later Accelerator() run under bf16 autocast."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from distillarena.train.loop import full_precision_accelerator
+
+    micro = batches_of(task_tok, [4])
+    cfg = LoopConfig(steps=1, grad_accum=1, optimizer="sgd", lr=1.0, warmup_steps=0, min_lr_ratio=1.0,
+                     max_grad_norm=0.0, log_every=1)
+    base = build_preset("tiny", task_tok, seed=0)
+    clean = train(copy.deepcopy(base), iter(micro), causal_lm_loss_sum, cfg)
+    try:
+        assert Accelerator(cpu=True).mixed_precision == "no"
+        AcceleratorState._reset_state()
+        Accelerator(cpu=True, mixed_precision="bf16")  # what the other trainer leaves behind
+        assert Accelerator(cpu=True).mixed_precision == "bf16"  # accelerate's own behaviour, the reason for this
+        assert full_precision_accelerator().mixed_precision == "no"
+        after = train(copy.deepcopy(base), iter(micro), causal_lm_loss_sum, cfg)
+        for (name, pa), pb in zip(clean.named_parameters(), after.parameters(), strict=True):
+            assert torch.equal(pa, pb), name
+    finally:
+        AcceleratorState._reset_state()

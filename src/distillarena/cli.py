@@ -1,4 +1,8 @@
-"""The ``distillarena`` command. User errors end with one message and exit status 2, never a traceback."""
+"""The ``distillarena`` command. User errors end with one message and exit status 2, never a traceback.
+
+Offline by default: the command sets HF_HUB_OFFLINE=1 unless the environment sets it, so a hub id loads from the
+local Hugging Face cache only and a run never waits on the network; HF_HUB_OFFLINE=0 allows downloads (and
+push_to_hub). The Python API (``import distillarena``) leaves HF_HUB_OFFLINE to you."""
 
 from __future__ import annotations
 
@@ -131,6 +135,98 @@ def _cmd_chat_data(args: argparse.Namespace) -> None:
         print(f"{name}: {path}")
 
 
+def _cmd_detect(args: argparse.Namespace) -> None:
+    import json
+
+    from distillarena.defenses.watermark import WatermarkScheme
+    from distillarena.forensics import detect_api, detect_open, detect_text
+
+    key = args.key if args.key is not None else os.environ.get(args.key_env or "")
+    if not key:
+        raise UserError("give the watermark's secret with --key KEY or --key-env VAR (a set environment variable)")
+    try:
+        scheme = WatermarkScheme(key, args.gamma, args.context)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    suspect = args.suspect
+    api = suspect is not None and suspect.startswith(("http://", "https://"))
+    texts = _detect_texts(args, prompts_only=api)
+    if suspect is None:
+        if args.texts is None:
+            raise UserError("give --suspect (a model folder or an API URL) or --texts (a JSON lines file to test)")
+        det = detect_text(scheme, _watermark_tokenizer(args), texts, model=_gate_model(args),
+                          min_entropy=args.min_entropy)
+    elif api:
+        from distillarena.teachers.api_client import APITeacher
+
+        if not args.model:
+            raise UserError("--suspect is an API URL: name the served model with --model")
+        token = os.environ.get(args.api_key_env, "")
+        client = APITeacher(base_url=suspect, api_key=token or "none", model=args.model, chat=False,
+                            max_tokens=args.max_tokens, temperature=args.temperature, top_logprobs=None,
+                            seed=0)
+        det = detect_api(scheme, client, _watermark_tokenizer(args), [p for p, _ in texts], out=args.out,
+                         model=_gate_model(args), min_entropy=args.min_entropy)
+    else:
+        from distillarena.models.presets import load_model, load_tokenizer
+
+        if not Path(suspect).is_dir():
+            raise UserError(f"--suspect {suspect}: not a model folder (a save_pretrained folder) or an http(s) URL")
+        model = load_model(suspect)
+        tok = load_tokenizer(args.tokenizer or suspect)
+        gate = load_model(args.teacher) if args.teacher else None
+        det = detect_open(scheme, model, tok, texts, min_entropy=args.min_entropy, gate=gate)
+    if args.json:
+        print(json.dumps(det.as_dict(examples=True), indent=1))
+        return
+    print("\n".join(det.lines()))
+
+
+def _gate_model(args: argparse.Namespace):
+    """The provider's own teacher, whose entropy gates the scored positions of a text (--teacher)."""
+    if args.min_entropy > 0 and args.teacher is None:
+        raise UserError("--min-entropy on texts or an API's completions needs --teacher (the unwatermarked teacher "
+                        "whose entropy decides which positions can carry the watermark)")
+    if args.teacher is None:
+        return None
+    from distillarena.models.presets import load_model
+
+    return load_model(args.teacher)
+
+
+def _watermark_tokenizer(args: argparse.Namespace):
+    if args.tokenizer:
+        from distillarena.models.presets import load_tokenizer
+
+        return load_tokenizer(args.tokenizer)
+    from distillarena.models.tokenizer import task_tokenizer
+
+    return task_tokenizer()
+
+
+def _detect_texts(args: argparse.Namespace, prompts_only: bool) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs from --texts (JSON lines with prompt and completion, e.g. a traces file), else
+    reference solutions of the built-in task's test problems."""
+    if args.texts is not None:
+        from distillarena.core.io import read_jsonl
+
+        if not args.texts.is_file():
+            raise UserError(f"--texts {args.texts}: no such file")
+        out = []
+        for i, r in enumerate(read_jsonl(args.texts), 1):
+            if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or (
+                    not prompts_only and not isinstance(r.get("completion"), str)):
+                raise UserError(f"{args.texts} line {i}: needs a text 'prompt'" + ("" if prompts_only else
+                                                                                  " and a text 'completion'"))
+            out.append((r["prompt"], r.get("completion") or ""))
+        return out[: args.n] if args.n else out
+    from distillarena.tasks.arithmetic import ArithmeticTask
+    from distillarena.tasks.data import problem_example
+
+    problems = ArithmeticTask().problems("test", args.n or 512, args.ops, seed=3)
+    return [(ex.prompt, ex.completion) for ex in (problem_example(p) for p in problems)]
+
+
 def _end_distributed() -> None:
     """Under torchrun, leave the process group cleanly: gloo's teardown can abort an otherwise finished process
     (see docs/scale-out.md), so every rank meets at a barrier, destroys the group and exits directly."""
@@ -217,6 +313,35 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--no-champ", action="store_true", help="skip the champ-dataset probe")
     cd.set_defaults(func=_cmd_chat_data)
 
+    dt = sub.add_parser("detect", help="was a suspect model trained on watermarked text? the radioactivity test "
+                        "(p-value and evidence); without --suspect, test the texts of --texts themselves")
+    dt.add_argument("--suspect", metavar="MODEL_OR_URL", help="a model folder (open weights: its next-token "
+                    "predictions are scored) or an OpenAI-compatible base URL (its completions are scored)")
+    dt.add_argument("--key", help="the watermark's secret key")
+    dt.add_argument("--key-env", metavar="VAR", help="read the key from this environment variable instead")
+    dt.add_argument("--gamma", type=float, default=0.5, help="green fraction of the watermark (default 0.5)")
+    dt.add_argument("--context", type=int, default=4, help="tokens hashed into the green list (default 4)")
+    dt.add_argument("--texts", type=Path, metavar="FILE", help="JSON lines with prompt and completion (e.g. a traces "
+                    "file): what the suspect reads, the prompts it completes, or the texts tested (default: "
+                    "reference solutions of the built-in task's test problems)")
+    dt.add_argument("--n", type=int, help="texts used (default: all of --texts, or 512 built-in problems)")
+    dt.add_argument("--ops", type=int, nargs="+", default=[2], help="operations of the built-in problems (default 2)")
+    dt.add_argument("--tokenizer", help="the watermark's tokenizer (default: the suspect's folder; for an API or "
+                    "texts, the built-in one)")
+    dt.add_argument("--min-entropy", type=float, default=0.0, help="score only positions where the next-token "
+                    "entropy is at least this (nats): --teacher's, or the suspect's with open weights and no "
+                    "--teacher (0.3 with --teacher suits the built-in world: docs/decisions.md)")
+    dt.add_argument("--teacher", metavar="MODEL", help="the unwatermarked teacher (a model folder) whose entropy "
+                    "gates the scored positions (with --min-entropy): where the watermark could act at all")
+    dt.add_argument("--model", help="API: the served model's id")
+    dt.add_argument("--api-key-env", default="OPENAI_API_KEY", help="API: environment variable holding the bearer "
+                    "token (default OPENAI_API_KEY)")
+    dt.add_argument("--max-tokens", type=int, default=64, help="API: tokens per completion (default 64)")
+    dt.add_argument("--temperature", type=float, default=0.0, help="API: sampling temperature (default 0: greedy)")
+    dt.add_argument("--out", type=Path, help="API: keep the suspect's completions here (JSON lines; resumable)")
+    dt.add_argument("--json", action="store_true", help="print the result as JSON")
+    dt.set_defaults(func=_cmd_detect)
+
     e = sub.add_parser("evaluate", help="accuracy of a model folder on the built-in task")
     e.add_argument("model", help="save_pretrained folder or cached hub id")
     e.add_argument("--split", default="test", choices=["train", "holdout", "test"])
@@ -227,10 +352,36 @@ def build_parser() -> argparse.ArgumentParser:
     from distillarena.serve.cli import add_serve_commands
 
     add_serve_commands(sub)
+    add_override_option(p)  # last: every command above (and any added later) that reads a config gets --set
     return p
 
 
+def _override(text: str):
+    from distillarena.core.config import parse_override
+
+    try:
+        return parse_override(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_override_option(parser: argparse.ArgumentParser) -> None:
+    """``--set KEY.PATH=VALUE`` (repeatable) on every command, at any depth, that takes a config (an argument named
+    ``config``): set into the config before it is validated, so a wrong path or value is the same error as in YAML."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                add_override_option(sub)
+    if any(a.dest == "config" for a in parser._actions) and \
+            not any(a.dest == "overrides" for a in parser._actions):
+        parser.add_argument("--set", dest="overrides", action="append", type=_override, default=[],
+                            metavar="KEY.PATH=VALUE", help="override a config field, e.g. --set train.steps=50 "
+                            "--set student.dtype=bfloat16 (repeatable; validated like the YAML)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    # before anything imports huggingface_hub (which reads it once): see the module doc
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     try:
         import transformers
@@ -239,7 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     try:
-        args.func(args)
+        from distillarena.core.config import config_overrides
+
+        with config_overrides(getattr(args, "overrides", None) or []):
+            args.func(args)
     except UserError as e:
         print(f"distillarena: error: {e}", file=sys.stderr)
         return 2

@@ -1,20 +1,43 @@
-"""The attacker's side of the distillation game: per-trace value (central finite difference along the student's
-holdout gradient), weights (exponential tilting, normalised to mean 1), top-q filtering, and an oracle value
-(the actual holdout-loss change after one step on a trace) to check the cheap estimate against."""
+"""The attacker's side of the distillation game: the table of attacker kinds (:mod:`.spec`, torch-free), what a plan
+receives and returns (:mod:`.plan`), one module per kind holding its planning code, and the trace valuation they
+share (finite-difference value, weights, filtering, the one-step oracle; :mod:`.valuation`, :mod:`.lm`)."""
 
-from distillarena.attacks.lm import oracle_traces, per_sequence_nll, value_traces
-from distillarena.attacks.valuation import (
-    Valuation,
-    fd_values,
-    holdout_direction,
-    oracle_values,
-    ranks,
-    spearman,
-    standardize,
-    top_fraction,
-    value_weights,
-    weight_stats,
-)
+import importlib
+from typing import Any
 
-__all__ = ["Valuation", "fd_values", "holdout_direction", "oracle_values", "oracle_traces", "per_sequence_nll",
-           "ranks", "spearman", "standardize", "top_fraction", "value_traces", "value_weights", "weight_stats"]
+# Imported on first use: `distillarena.attacks.spec` (the attacker table) must load without torch, and importing it
+# runs this file first.
+_WHERE = {
+    "Valuation": "distillarena.attacks.valuation",
+    "fd_values": "distillarena.attacks.valuation",
+    "holdout_direction": "distillarena.attacks.valuation",
+    "oracle_values": "distillarena.attacks.valuation",
+    "ranks": "distillarena.attacks.valuation",
+    "spearman": "distillarena.attacks.valuation",
+    "spearman_interval": "distillarena.attacks.valuation",
+    "standardize": "distillarena.attacks.valuation",
+    "top_fraction": "distillarena.attacks.valuation",
+    "value_weights": "distillarena.attacks.valuation",
+    "weight_stats": "distillarena.attacks.valuation",
+    "oracle_traces": "distillarena.attacks.lm",
+    "per_sequence_nll": "distillarena.attacks.lm",
+    "value_traces": "distillarena.attacks.lm",
+    "cosine_values": "distillarena.attacks.lm",
+}
+
+
+def get_planner(kind: str):
+    """The ``plan(ctx, params) -> Plan`` function of attacker ``kind`` (its module imported now)."""
+    from distillarena.attacks.spec import attacker_spec
+
+    module, _, name = attacker_spec(kind).planner.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_WHERE) + ["get_planner"]

@@ -4,12 +4,13 @@ completion (length-normalised, as in the reference code); the holdout loss is th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from distillarena.attacks.valuation import Valuation, fd_values, holdout_direction, oracle_values
+from distillarena.attacks.valuation import Valuation, fd_values, holdout_direction, oracle_values, trainable
 from distillarena.core.errors import UserError
 from distillarena.tasks.data import IGNORE_INDEX, collate
 
@@ -71,3 +72,40 @@ def oracle_traces(model: torch.nn.Module, traces: Sequence[EncodedPair], holdout
         return per_sequence_nll(m, collate([traces[i]], pad_id))[0]
 
     return oracle_values(model, step_loss, holdout_loss_fn(holdout, pad_id, batch_size), indices, lr)
+
+
+def trace_gradient_values(model: torch.nn.Module, traces: Sequence[EncodedPair], direction: Sequence[Tensor], *,
+                          pad_id: int) -> tuple[Tensor, Tensor]:
+    """For every trace, the exact projection ``<∇NLL_i, u>`` of its loss gradient on the unit holdout direction
+    ``u`` and the gradient's norm ``||∇NLL_i||`` (float64 ``[N]`` each): one backward pass per trace."""
+    params = trainable(model)
+    was = model.training
+    model.eval()
+    proj, norms = [], []
+    try:
+        for enc in traces:
+            loss = per_sequence_nll(model, collate([enc], pad_id))[0]
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            dot = sq = 0.0
+            for g, u in zip(grads, direction, strict=True):
+                if g is not None:
+                    g = g.double()
+                    dot += float((g * u.double()).sum())
+                    sq += float(g.pow(2).sum())
+            proj.append(dot)
+            norms.append(math.sqrt(sq))
+    finally:
+        model.train(was)
+    return torch.tensor(proj, dtype=torch.float64), torch.tensor(norms, dtype=torch.float64)
+
+
+def cosine_values(model: torch.nn.Module, traces: Sequence[EncodedPair], holdout: Sequence[EncodedPair], *,
+                  pad_id: int, batch_size: int = 64) -> tuple[Tensor, Tensor, Tensor, float]:
+    """The cosine between each trace's NLL gradient and the holdout-loss gradient (the value without the
+    gradient-norm confound), with the exact projections and the gradient norms it divides, and ``||g||``."""
+    if not traces:
+        raise UserError("there are no traces to value")
+    u, norm = holdout_direction(model, holdout_loss_fn(holdout, pad_id, batch_size))
+    proj, norms = trace_gradient_values(model, traces, u, pad_id=pad_id)
+    cos = torch.where(norms > 0, proj / norms.clamp(min=1e-30), torch.zeros_like(proj))
+    return cos, proj, norms, norm

@@ -230,6 +230,26 @@ def spearman(x: Tensor, y: Tensor) -> float:
     return float((rx * ry).sum()) / den if den > 0 else float("nan")
 
 
+def spearman_interval(x: Tensor, y: Tensor, *, replicates: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Spearman's rho of the pairs ``(x_i, y_i)`` with a 95% percentile-bootstrap interval (pairs resampled with
+    replacement); NaNs where undefined."""
+    rho = spearman(x, y)
+    n = x.numel()
+    if n < 3 or not math.isfinite(rho):
+        return rho, float("nan"), float("nan")
+    g = torch.Generator().manual_seed(seed)
+    reps = []
+    for _ in range(replicates):
+        idx = torch.randint(0, n, (n,), generator=g)
+        r = spearman(x[idx], y[idx])
+        if math.isfinite(r):
+            reps.append(r)
+    if not reps:
+        return rho, float("nan"), float("nan")
+    q = torch.quantile(torch.tensor(reps, dtype=torch.float64), torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return rho, float(q[0]), float(q[1])
+
+
 @dataclass
 class Valuation:
     values: Tensor  # a_i, float64 [N]

@@ -24,6 +24,8 @@ _WHERE = {
     "TemperatureProcessor": "distillarena.defenses.truncation",
     "TopKProcessor": "distillarena.defenses.truncation",
     "TopPProcessor": "distillarena.defenses.truncation",
+    "WatermarkProcessor": "distillarena.defenses.watermark",
+    "WatermarkScheme": "distillarena.defenses.watermark",
     "antidistillation_scores": "distillarena.defenses.antidistillation",
     "check_gamma": "distillarena.defenses.poe",
     "check_same_vocabulary": "distillarena.defenses.proxy",

@@ -16,6 +16,7 @@ from distillarena.core.errors import UserError
 from distillarena.decoding import SampleResult, sample
 from distillarena.defenses.antidistillation import AntidistillationProcessor
 from distillarena.defenses.poe import ProductOfExpertsProcessor
+from distillarena.defenses.rewrite import TextRewrite
 from distillarena.defenses.spec import check_defense, defense_label, defense_spec
 
 
@@ -27,10 +28,15 @@ class DecodingPolicy:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    rewrite: TextRewrite | None = None  # an output-level defense: the decoded text is rewritten (defenses.rewrite)
 
     @property
     def label(self) -> str:
         return defense_label(self.kind, self.params)
+
+    @property
+    def rewrites_text(self) -> bool:
+        return self.rewrite is not None
 
     def sample(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                **kwargs: Any) -> SampleResult:
@@ -43,9 +49,12 @@ class DecodingPolicy:
 
 def build_policy(kind: str, params: dict[str, Any] | None = None, *, teacher: torch.nn.Module | None = None,
                  tokenizer=None, proxy: torch.nn.Module | None = None, proxy_tokenizer=None,
-                 gradient=None) -> DecodingPolicy:
+                 gradient=None, task=None) -> DecodingPolicy:
     """The policy for ``kind`` with ``params``; PoE and antidistillation need ``proxy`` (and a ``gradient``:
-    a :class:`ProxyGradient` or the path of one saved by ``distillarena proxy-gradient``)."""
+    a :class:`ProxyGradient` or the path of one saved by ``distillarena proxy-gradient``). An output-level kind
+    (``rewrites_text``) samples at its temperature / top-p and carries its ``rewrite`` of the decoded text; it needs
+    the ``task`` (what a reasoning line and the answer line are), and summary / paraphrase / poison_scored the proxy
+    (poison_scored its gradient too)."""
     params = dict(params or {})
     try:
         spec = defense_spec(kind)
@@ -56,10 +65,19 @@ def build_policy(kind: str, params: dict[str, Any] | None = None, *, teacher: to
     pad = getattr(tokenizer, "pad_token_id", None)
     if spec.needs_proxy and proxy is None:
         raise UserError(f"defense {kind!r} needs a proxy model (set proxy in the config)")
+    if spec.rewrites_text:
+        return DecodingPolicy(kind, params, [], temperature=temperature, top_p=params.get("top_p"),
+                              rewrite=_rewrite(kind, params, task, proxy, proxy_tokenizer, gradient))
     if kind == "poe":
         proc = ProductOfExpertsProcessor(proxy, params.get("gamma", 0.5), teacher=teacher,
                                          teacher_tokenizer=tokenizer, proxy_tokenizer=proxy_tokenizer,
                                          pad_token_id=pad)
+        return DecodingPolicy(kind, params, [proc], temperature=temperature, top_p=params.get("top_p"))
+    if kind == "watermark":
+        from distillarena.defenses.watermark import WatermarkProcessor
+
+        p = spec.params.model_validate(params)  # the defaults filled in
+        proc = WatermarkProcessor(p.key, p.delta, p.gamma, p.context)
         return DecodingPolicy(kind, params, [proc], temperature=temperature, top_p=params.get("top_p"))
     if kind == "antidistillation":
         if gradient is None:
@@ -75,3 +93,37 @@ def build_policy(kind: str, params: dict[str, Any] | None = None, *, teacher: to
         return DecodingPolicy(kind, params, [proc], temperature=1.0, top_p=params.get("top_p"))
     return DecodingPolicy(kind, params, [], temperature=temperature, top_k=params.get("top_k"),
                           top_p=params.get("top_p"))
+
+
+def _rewrite(kind: str, params: dict[str, Any], task, proxy, proxy_tokenizer, gradient) -> TextRewrite:
+    """The text rewrite of an output-level defense (the modules' docstrings say what each does)."""
+    if task is None:
+        raise UserError(f"defense {kind!r} rewrites the teacher's text: it needs the task (its answer line)")
+    if kind == "answer_only":
+        from distillarena.defenses.throttle import AnswerOnly
+
+        return AnswerOnly(task)
+    if kind == "truncate_reasoning":
+        from distillarena.defenses.throttle import TruncateReasoning
+
+        return TruncateReasoning(task, int(params.get("steps", 1)))
+    if kind == "summary":
+        from distillarena.defenses.throttle import Summary
+
+        return Summary(task, proxy, proxy_tokenizer, int(params.get("lines", 1)))
+    if kind == "paraphrase":
+        from distillarena.defenses.paraphrase import Paraphrase
+
+        return Paraphrase(task, proxy, proxy_tokenizer, float(params.get("strength", 0.5)),
+                          float(params.get("rewriter_temperature", 1.0)))
+    if kind in ("poison", "poison_scored"):
+        from distillarena.defenses.poison import Poison
+
+        scored = kind == "poison_scored"
+        if scored and gradient is None:
+            raise UserError("defense 'poison_scored' needs the proxy's holdout gradient (run `distillarena "
+                            "proxy-gradient` first and set gradient in the config)")
+        return Poison(task, float(params.get("rate", 0.1)), str(params.get("mode", "step")),
+                      select="score" if scored else "random", proxy=proxy, proxy_tokenizer=proxy_tokenizer,
+                      gradient=gradient, eps=float(params.get("eps", 1e-2)))
+    raise UserError(f"defense {kind!r} is marked as rewriting text but build_policy has no rewrite for it")

@@ -37,6 +37,7 @@ from distillarena.decoding import sample
 from distillarena.defenses.spec import DEFENSES
 from distillarena.game.config import DefenseConfig, GameConfig, PromptsConfig, TracesConfig
 from distillarena.game.traces import batch_seed, defense_gradient, run_traces, trace_record
+from distillarena.game.utility import utility_meta
 from distillarena.models.tokenizer import left_padding
 from distillarena.tasks.base import Task
 from distillarena.train.teacher import model_path, model_task, resolve_model
@@ -45,10 +46,11 @@ META = "meta.json"
 TRACES = "traces.jsonl"
 
 
-def traces_config(cfg: GameConfig, defense: DefenseConfig, seed: int) -> TracesConfig:
+def traces_config(cfg: GameConfig, defense: DefenseConfig, seed: int, samples_per_prompt: int = 1) -> TracesConfig:
     return TracesConfig(teacher=cfg.teacher, defense=defense,
-                        prompts=PromptsConfig(split="train", n=cfg.budget, n_ops=cfg.prompts.n_ops,
-                                              seed=cfg.prompts.seed),
+                        prompts=PromptsConfig(split="train", n=cfg.budget // samples_per_prompt,
+                                              n_ops=cfg.prompts.n_ops, seed=cfg.prompts.seed,
+                                              samples=samples_per_prompt),
                         reveal=cfg.reveal, decoding=cfg.decoding, max_new_tokens=cfg.max_new_tokens,
                         batch_size=cfg.batch_size, seed=seed)
 
@@ -80,8 +82,17 @@ def force_answers(teacher: torch.nn.Module, tok, records: list[dict[str, Any]], 
                 r["forced_completion"] = h + tail.split("\n")[0]
 
 
-def collect(cfg: GameConfig, defense: DefenseConfig, seed: int, folder: Path, console: Console) -> dict[str, Any]:
-    """The traces of one (defense, strength, seed): reuse ``folder`` if finished, else sample (resumable)."""
+def queried_problems(cfg: GameConfig, task: Task, samples_per_prompt: int = 1) -> list:
+    """The problem of each query: the first ``budget // k`` prompts of the pool, each asked ``k`` times in a row."""
+    k = samples_per_prompt
+    return [p for p in task.problems("train", cfg.budget // k, cfg.prompts.n_ops, seed=cfg.prompts.seed)
+            for _ in range(k)]
+
+
+def collect(cfg: GameConfig, defense: DefenseConfig, seed: int, folder: Path, console: Console,
+            samples_per_prompt: int = 1) -> dict[str, Any]:
+    """The traces of one (defense, strength, seed): reuse ``folder`` if finished, else sample (resumable). With
+    ``samples_per_prompt`` k > 1: k completions of each of the first ``budget // k`` prompts (same query budget)."""
     folder = Path(folder)
     if (folder / META).is_file():
         return json.loads((folder / META).read_text())
@@ -101,14 +112,13 @@ def collect(cfg: GameConfig, defense: DefenseConfig, seed: int, folder: Path, co
                       "holdout_gradient_norm": float(grad.norm)}
     t0 = time.perf_counter()
     if cfg.api is not None:
-        summary = api_traces(cfg, defense, seed, raw, console)
+        summary = api_traces(cfg, defense, seed, raw, console, samples_per_prompt)
     else:
-        summary = run_traces(traces_config(cfg, defense, seed), raw, console=console)
+        summary = run_traces(traces_config(cfg, defense, seed, samples_per_prompt), raw, console=console)
     wall = time.perf_counter() - t0
     records = sorted(read_jsonl(raw), key=lambda r: r["index"])
     task = game_task(cfg)
-    problems = {i: p for i, p in enumerate(task.problems("train", cfg.budget, cfg.prompts.n_ops,
-                                                                   seed=cfg.prompts.seed))}
+    problems = dict(enumerate(queried_problems(cfg, task, samples_per_prompt)))
     if cfg.answer_forcing:
         teacher, tok, _ = resolve_model(cfg.teacher, console)
         force_answers(teacher, tok, records, task)
@@ -129,6 +139,7 @@ def collect(cfg: GameConfig, defense: DefenseConfig, seed: int, folder: Path, co
         "trace_correct": "".join("1" if r["correct"] else "0" for r in records),
         "trace_step_validity": [round(float(r["step_validity"]), 4) for r in records],
     }
+    meta.update(utility_meta(records, task))  # what a user who reads the reasoning gets (game/utility.py)
     if cfg.api is not None:
         meta["teacher_api"] = f"{cfg.api.model} at {cfg.api.base_url}"
     if cfg.answer_forcing:
@@ -174,7 +185,8 @@ def _revealed(v: float) -> float:
     return float("-inf") if v <= -9999.0 else float(v)  # OpenAI's -9999: a token the distribution excludes
 
 
-def api_traces(cfg: GameConfig, defense: DefenseConfig, seed: int, out: Path, console: Console) -> dict[str, Any]:
+def api_traces(cfg: GameConfig, defense: DefenseConfig, seed: int, out: Path, console: Console,
+               samples_per_prompt: int = 1) -> dict[str, Any]:
     """Ask the batches of ``run_traces`` (same prompts, same batches, same seeds) of the served teacher whose key
     applies ``defense``, and write trace records as ``run_traces`` writes them to ``out``. Resumable: the answers
     are kept, one line per batch, next to ``out`` until the collection is finished."""
@@ -185,18 +197,20 @@ def api_traces(cfg: GameConfig, defense: DefenseConfig, seed: int, out: Path, co
     key = api.key_for(defense.kind, cfg.decoding.under(defense.params))
     tok = teacher_tokenizer(cfg, console)
     task = game_task(cfg)
-    problems = task.problems("train", cfg.budget, cfg.prompts.n_ops, seed=cfg.prompts.seed)
+    problems = queried_problems(cfg, task, samples_per_prompt)
     batches = [list(range(s, min(s + cfg.batch_size, len(problems)))) for s in range(0, len(problems), cfg.batch_size)]
     items = [{"id": str(b), "prompt": [tok(problems[i].prompt)["input_ids"] for i in idx], "seed": batch_seed(seed, b)}
              for b, idx in enumerate(batches)]
-    if api.token_ids:
-        top_logprobs = cfg.reveal.top_k or 0
+    # an output-level defense's key reveals the rewritten text alone (no log-probs, hence no token ids): text only
+    token_ids = api.token_ids and DEFENSES[defense.kind].reveals_logprobs
+    if token_ids:
+        top_logprobs = (cfg.reveal.top_k or 0) if key.reveals_logprobs else 0
     else:
         top_logprobs = None
     teacher = APITeacher(base_url=api.base_url, api_key=key.token(), model=api.model, chat=False,
                          max_tokens=cfg.max_new_tokens, temperature=1.0, n=1, top_logprobs=top_logprobs,
                          concurrency=api.concurrency, max_retries=api.max_retries, timeout=api.timeout,
-                         extra_body={"return_tokens_as_token_ids": True} if api.token_ids else None)
+                         extra_body={"return_tokens_as_token_ids": True} if token_ids else None)
     answers, errors = _api_files(out)
     t0 = time.perf_counter()
     done = teacher.collect(items, answers)
@@ -220,7 +234,7 @@ def api_traces(cfg: GameConfig, defense: DefenseConfig, seed: int, out: Path, co
             raise UserError(f"{where} answered {len(answer['choices'])} completions for {len(idx)} prompts")
         for i, ch in zip(idx, answer["choices"], strict=True):
             p, text = problems[i], ch["text"]
-            if api.token_ids:
+            if token_ids:
                 tokens = [_token_id(t) for t in ch["tokens"]]
                 logprobs = [_revealed(v) for v in ch["token_logprobs"]]
             else:  # text only: the tokens as the local tokenizer reads the text (and the EOS it stopped on)
@@ -228,7 +242,7 @@ def api_traces(cfg: GameConfig, defense: DefenseConfig, seed: int, out: Path, co
                     (sorted(eos) if ch["finish_reason"] == "stop" and None not in eos else [])
                 logprobs = None
             top = None
-            if api.token_ids and cfg.reveal.top_k:
+            if token_ids and cfg.reveal.top_k and key.reveals_logprobs:
                 top = ([[_token_id(t) for t, _ in row] for row in ch["top_logprobs"]],
                        [[_revealed(v) for _, v in row] for row in ch["top_logprobs"]])
             records.append(trace_record(i, p, task, text, tokens, logprobs, None, None, top=top,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from distillarena.attacks.spec import ATTACKERS, AttackerKind, AttackerSpec, PaperParams
 from distillarena.core.config import Strict
 from distillarena.core.errors import UserError
 from distillarena.defenses.spec import DefenseKind, check_defense, defense_label
@@ -77,6 +79,7 @@ class PromptsConfig(Strict):
     n: int = Field(256, ge=1)
     n_ops: list[int] = Field(default_factory=lambda: [1, 2, 3, 4])
     seed: int = 0
+    samples: int = Field(1, ge=1, description="completions per prompt (consecutive records; self-consistency)")
 
 
 class TracesConfig(Strict):
@@ -127,27 +130,60 @@ class GameDefense(Strict):
 
 
 class AttackerConfig(Strict):
-    """The student's use of the traces. ``passive``: uniform weights. ``adaptive``: weights ``exp(beta * sign *
-    clip(z))`` from the finite-difference value of each trace (``z`` standardised, clipped to ``[-clip, clip]``,
-    weights normalised to mean 1; ``sign: 1`` upweights traces whose training lowers the student's holdout loss,
-    ``sign: -1`` reproduces the reference code). ``filter``: keep the ``keep`` fraction of highest value, uniform
-    weights. ``objective``: ``sft`` (weighted SFT on the text) or ``fkl`` (forward KL to the revealed top-k
-    log-probs, weighted the same way; needs ``reveal.top_k``)."""
+    """The student's use of the traces: a ``kind`` from the attacker table (:mod:`distillarena.attacks.spec`:
+    passive, adaptive, filter, value_tilt, verifier_filter, self_consistency, invert_temperature, invert_poe,
+    nll_filter) and its parameters, validated when the config loads. Parameters are written flat beside ``kind``
+    (``{kind: value_tilt, beta: 0.5}``) or under ``params``; an unknown or bad one is an error naming it.
+    ``objective``: the training objective, a registered one that learns from text alone (``sft``) or from
+    revealed top-k log-probs (``fkl``, ``rkl``, ``jsd``, ...); default: the kind's own (``sft``; ``fkl`` for the
+    inversion attackers, which train on recovered top-k rows)."""
 
     name: str | None = None
-    kind: Literal["passive", "adaptive", "filter"] = "passive"
-    beta: float = Field(1.0, ge=0)
-    sign: Literal[1, -1] = 1
-    clip: float = Field(3.0, gt=0)
-    standardize: bool = True
-    eps: float = Field(1e-2, gt=0, description="finite-difference step along the unit holdout gradient")
-    keep: float = Field(0.5, gt=0, le=1, description="fraction kept by the filter")
-    objective: str = Field("sft", description="a registered objective that learns from text alone (sft) or from "
-                           "revealed top-k log-probs (fkl, rkl, jsd, ...)")
+    kind: AttackerKind = "passive"
+    params: dict[str, Any] = Field(default_factory=dict, description="the kind's parameters (attacks.spec)")
+    objective: str | None = Field(None, description="a registered objective that learns from text alone (sft) or "
+                                  "from revealed top-k log-probs (fkl, rkl, jsd, ...); default: the kind's")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_params(cls, data: Any) -> Any:
+        """Gather parameters written beside ``kind`` into ``params`` and validate them against the kind's model,
+        errors located at the parameter (``attackers.0.beta``)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        own = set(cls.model_fields)
+        flat = {k: data.pop(k) for k in list(data) if k not in own}
+        params = dict(data.get("params") or {})
+        both = sorted(set(flat) & set(params))
+        if both:
+            raise ValueError(f"{', '.join(both)} given both beside kind and under params")
+        params.update(flat)
+        kind = data.get("kind", "passive")
+        if kind in ATTACKERS:
+            spec = ATTACKERS[kind]
+            try:  # kept normalised (every parameter, defaults filled in): labels and keys come from the model
+                params = spec.params.model_validate(params).model_dump(mode="json")
+            except ValidationError as e:
+                details = []
+                for err in e.errors():
+                    loc = tuple(err["loc"])
+                    where = loc if loc and loc[0] in flat else ("params", *loc)
+                    msg = (f"attacker {kind!r} does not take it; its parameters are "
+                           f"{', '.join(spec.parameter_names())}" if err["type"] == "extra_forbidden"
+                           else err["msg"])
+                    details.append(InitErrorDetails(type=PydanticCustomError("attacker_param", "{msg}",
+                                                                             {"msg": msg}),
+                                                    loc=where, input=err.get("input")))
+                raise ValidationError.from_exception_data(cls.__name__, details) from None
+        data["params"] = params
+        return data
 
     @field_validator("objective")
     @classmethod
-    def _known_objective(cls, v: str) -> str:
+    def _known_objective(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         try:
             spec = get_objective(v)
         except UserError as e:
@@ -157,23 +193,51 @@ class AttackerConfig(Strict):
                              f"{', '.join(sorted(spec.accepted_signals))})")
         return v
 
+    @model_validator(mode="after")
+    def _objective_fits_kind(self) -> AttackerConfig:
+        if self.spec.needs_logprobs and not get_objective(self.training_objective).uses_teacher:
+            raise ValueError(f"attacker {self.kind} trains on recovered top-k log-probs: its objective must learn "
+                             f"from top-k (fkl, rkl, jsd, ...), not {self.training_objective}")
+        if self.spec.samples_param and get_objective(self.training_objective).uses_teacher:
+            raise ValueError(f"attacker {self.kind} keeps whole traces by their answers: use a text objective")
+        return self
+
+    @property
+    def spec(self) -> AttackerSpec:
+        return ATTACKERS[self.kind]
+
+    @property
+    def p(self) -> Any:
+        """The validated parameters (the kind's model, defaults filled in)."""
+        return self.spec.params.model_validate(self.params)
+
+    @property
+    def training_objective(self) -> str:
+        return self.objective or self.spec.objective
+
     @property
     def learns_from_teacher(self) -> bool:
         """True when it learns from the revealed top-k log-probs, False when from the text alone."""
-        return get_objective(self.objective).uses_teacher
+        return get_objective(self.training_objective).uses_teacher
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.spec.samples_per_prompt(self.p)
+
+    def key_fields(self) -> dict[str, Any]:
+        """What determines this attacker's cells (its name does not). The paper's three original kinds keep the
+        flat shape their keys always had, so earlier run folders keep their cells."""
+        p = self.p
+        if isinstance(p, PaperParams):
+            return {"kind": self.kind, **p.model_dump(mode="json"), "objective": self.training_objective}
+        return {"kind": self.kind, "params": p.model_dump(mode="json"), "objective": self.training_objective}
 
     @property
     def label(self) -> str:
         if self.name:
             return self.name
-        if self.kind == "passive":
-            base = "passive"
-        elif self.kind == "adaptive":
-            base = f"adaptive(beta={self.beta:g}{'' if self.sign == 1 else ', sign=-1'})"
-        else:
-            base = f"filter(keep={self.keep:g}{'' if self.sign == 1 else ', sign=-1'})"
-        default = type(self).model_fields["objective"].default
-        return base if self.objective == default else f"{base}+{self.objective}"
+        base = self.spec.label(self.p)
+        return base if self.training_objective == self.spec.objective else f"{base}+{self.training_objective}"
 
 
 class GamePrompts(Strict):
@@ -206,12 +270,13 @@ class GameEvalConfig(Strict):
 
 
 class OracleConfig(Strict):
-    """The oracle check of adaptive attackers: the actual holdout-loss change after one SGD step (``lr``) on each
-    of ``n_traces`` traces, rank-correlated with the cheap value (0: off). The value is first-order: with a tiny
-    ``lr`` the correlation tends to 1 by construction; with a large one the curvature of the loss dominates
+    """The oracle check of value-tilting attackers (``adaptive``, ``filter``, ``value_tilt``): the actual
+    holdout-loss change after one SGD step (``lr``) on each of ``n_traces`` traces, rank-correlated with the cheap
+    value (Spearman, with a bootstrap interval; 0: off; issue 14 asks at least 64). The value is first-order: with
+    a tiny ``lr`` the correlation tends to 1 by construction; with a large one the curvature of the loss dominates
     (measurements in docs/decisions.md, "The oracle check's step size")."""
 
-    n_traces: int = Field(32, ge=0)
+    n_traces: int = Field(64, ge=0)
     lr: float = Field(0.01, gt=0)
 
 
@@ -233,6 +298,8 @@ class GameAPIKey(Strict):
     key_env: str | None = Field(None, description="name of the environment variable holding the token")
     defense: DefenseKind = "none"
     params: dict[str, float | int | str] = Field(default_factory=dict)
+    reveals_logprobs: bool = Field(True, description="false: the key's policy reveals no log-probs (its traces "
+                                   "are text only; attackers that need log-probs skip its cells, saying so)")
 
     @model_validator(mode="after")
     def _one_token(self) -> GameAPIKey:
@@ -293,6 +360,25 @@ class GameAPI(Strict):
                         "applies it")
 
 
+class DetectConfig(Strict):
+    """Detectability, the game's third axis: the radioactivity test (``distillarena.forensics.detect_open``) on
+    every trained student. The scheme tested (key, gamma, context) is the game's first watermark defense's (its
+    first strength), else the one given here; so the students of every other defense are the test's null cases.
+    ``texts``: what the student reads, ``traces`` (the cell's own traces: the provider's log of what it served
+    this attacker) or ``reference`` (reference solutions of test problems, the same for every cell)."""
+
+    enabled: bool = True
+    texts: Literal["traces", "reference"] = "traces"
+    n_texts: int = Field(1024, ge=1, description="texts read (at most the budget with texts: traces)")
+    min_entropy: float = Field(0.3, ge=0, description="score only positions where the next-token entropy (of "
+                               "gate) is at least this (nats): where the watermark could act at all")
+    gate: Literal["teacher", "student"] = Field("teacher", description="whose entropy gates: the undefended "
+                                                "teacher's (the defender's own model) or the student's")
+    key: str = Field("distillarena", min_length=1, description="used when the game has no watermark defense")
+    gamma: float = Field(0.5, gt=0, lt=1)
+    context: int = Field(4, ge=1, le=64)
+
+
 class GameConfig(Strict):
     """``distillarena game``: defenses x strengths x attackers x seeds, one cached cell each.
 
@@ -323,6 +409,8 @@ class GameConfig(Strict):
     eval: GameEvalConfig = Field(default_factory=GameEvalConfig)
     oracle: OracleConfig = Field(default_factory=OracleConfig)
     api: GameAPI | None = Field(None, description="collect the traces over HTTP from a served teacher (GameAPI)")
+    detect: DetectConfig = Field(default_factory=DetectConfig, description="detectability: the radioactivity "
+                                 "p-value of every trained student (DetectConfig)")
 
     @model_validator(mode="after")
     def _consistent(self) -> GameConfig:
@@ -336,6 +424,9 @@ class GameConfig(Strict):
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds must be distinct")
         for a in self.attackers:
+            if a.samples_per_prompt > self.budget:
+                raise ValueError(f"attacker {a.label} asks {a.samples_per_prompt} samples per prompt, more than the "
+                                 f"budget ({self.budget} queries)")
             if a.learns_from_teacher and self.reveal.top_k is None:
                 raise ValueError(f"attacker {a.label} learns from revealed top-k log-probs: set reveal.top_k")
             if a.learns_from_teacher and self.answer_forcing:

@@ -24,7 +24,7 @@ def world_of(cfg: GameConfig) -> dict[str, Any]:
     return {"task": task, "teacher": cfg.teacher.model_dump(mode="json")}
 
 
-def traces_key(cfg: GameConfig, d: DefenseConfig, seed: int) -> str:
+def traces_key(cfg: GameConfig, d: DefenseConfig, seed: int, samples_per_prompt: int = 1) -> str:
     proxy = d.proxy.model_dump(mode="json") if DEFENSES[d.kind].needs_proxy else None
     what = {"world": world_of(cfg), "defense": d.kind, "params": d.params, "proxy": proxy,
             "holdout_traces": d.holdout_traces if DEFENSES[d.kind].needs_gradient else None, "seed": seed,
@@ -35,8 +35,12 @@ def traces_key(cfg: GameConfig, d: DefenseConfig, seed: int) -> str:
         what["holdout"] = d.holdout  # (the reference holdout keeps the key it had before the choice existed)
     if cfg.decoding.params():  # (left out at the plain temperature 1, so earlier run folders keep their keys)
         what["decoding"] = cfg.decoding.params()
+    if samples_per_prompt > 1:  # k samples of each of budget // k prompts (self-consistency)
+        what["samples_per_prompt"] = samples_per_prompt
     if cfg.api is not None:  # traces collected over HTTP are cached apart from those sampled in process
         what["api"] = {"base_url": cfg.api.base_url, "model": cfg.api.model, "token_ids": cfg.api.token_ids}
+        if not cfg.api.key_for(d.kind, cfg.decoding.under(d.params)).reveals_logprobs:
+            what["api"]["reveals_logprobs"] = False
     return digest(what)
 
 
@@ -46,8 +50,6 @@ def base_key(cfg: GameConfig) -> str:
 
 
 def cell_key(cfg: GameConfig, d: DefenseConfig, a: AttackerConfig, seed: int) -> str:
-    att = a.model_dump(mode="json")
-    att.pop("name", None)
-    return digest({"traces": traces_key(cfg, d, seed), "base": base_key(cfg), "attacker": att,
-                   "train": cfg.train.model_dump(mode="json"), "holdout": cfg.holdout,
-                   "oracle": cfg.oracle.model_dump(mode="json") if a.kind != "passive" else None})
+    return digest({"traces": traces_key(cfg, d, seed, a.samples_per_prompt), "base": base_key(cfg),
+                   "attacker": a.key_fields(), "train": cfg.train.model_dump(mode="json"), "holdout": cfg.holdout,
+                   "oracle": cfg.oracle.model_dump(mode="json") if a.spec.uses_oracle else None})

@@ -12,7 +12,10 @@ import numpy as np
 
 from distillarena.game.collect import load_traces
 from distillarena.game.config import GameConfig
+from distillarena.game.detect import add_detectability_section
 from distillarena.game.keys import UNDEFENDED, traces_key
+from distillarena.game.utility import UTILITIES, format_interval
+from distillarena.game.worst_case import add_worst_case_section
 from distillarena.report.html import Report
 from distillarena.report.stats import finite
 
@@ -20,7 +23,17 @@ COLORS = ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377", "#bb
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
 
 
-def frontier_figure(summary: list[dict[str, Any]], attackers: list[str]):
+def frontier_figure(summary: list[dict[str, Any]], attackers: list[str], utility: str = "teacher_accuracy",
+                    utility_rows: list[dict[str, Any]] | None = None):
+    """Teacher utility against student recovery, one curve per defense kind and attacker. ``utility`` is any of
+    :data:`distillarena.game.utility.UTILITIES` (final-answer accuracy, step validity, checkable reasoning); with
+    ``utility_rows`` (:func:`~distillarena.game.utility.utility_table`) it is read from there, with its 95% interval
+    as the vertical bar."""
+    util = {u["defense_label"]: u.get(utility) for u in (utility_rows or [])}
+    if utility_rows is not None:
+        summary = [{**r, utility: (util.get(r["defense_label"]) or {}).get("mean", float("nan")),
+                    f"{utility}_bar": util.get(r["defense_label"])} for r in summary]
+    summary = [r for r in summary if finite(r.get(utility))]
     fig, ax = plt.subplots(figsize=(7.5, 5))
     kinds = sorted({r["defense"] for r in summary if r["defense"] != "none"} | (
         {"none"} if any(r["defense"] == "none" and r["params"] for r in summary) else set()))
@@ -29,19 +42,22 @@ def frontier_figure(summary: list[dict[str, Any]], attackers: list[str]):
         color = COLORS[ki % len(COLORS)]
         for ai, att in enumerate(attackers):
             pts = [r for r in summary if r["defense"] == kind and r["attacker"] == att and finite(r["recovery"])]
+            if not pts:  # (an attacker that did not play this defense: no curve of the reference point alone)
+                continue
             pts += [r for r in ref if r["attacker"] == att and finite(r["recovery"])]
-            pts.sort(key=lambda r: -r["teacher_accuracy"])
+            pts.sort(key=lambda r: -r[utility])
             if not pts:
                 continue
             passive = pts[0]["attacker_kind"] == "passive"
-            ax.errorbar([r["recovery"] for r in pts], [r["teacher_accuracy"] for r in pts],
+            ax.errorbar([r["recovery"] for r in pts], [r[utility] for r in pts],
                         xerr=np.array([_recovery_err(r) for r in pts]).T,
-                        yerr=[r["teacher_accuracy_std"] if r["teacher_accuracy_n"] > 1 else 0 for r in pts],
+                        yerr=np.array([_utility_err(r, utility) for r in pts]).T,
                         color=color, marker=MARKERS[ai % len(MARKERS)], linestyle="--" if passive else "-",
                         capsize=3, label=f"{kind} / {att}")
     ax.axvline(1.0, color="#999", lw=0.8)
     ax.set(xlabel="student capability recovery R (1 = as much as from the undefended teacher)",
-           ylabel="teacher utility (accuracy of its answers to the queries)",
+           ylabel=("teacher utility (accuracy of its answers to the queries)" if utility == "teacher_accuracy"
+                   else f"teacher utility: {UTILITIES.get(utility, utility)}"),
            title="the distillation game's frontier (R with its 95% interval)")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -50,6 +66,57 @@ def frontier_figure(summary: list[dict[str, Any]], attackers: list[str]):
         ax.text(0.5, 0.5, "no finite recovery yet: the undefended references gain nothing over the base student",
                 ha="center", va="center", transform=ax.transAxes, fontsize=8, wrap=True)
     return fig
+
+
+def _utility_err(r: dict[str, Any], utility: str) -> tuple[float, float]:
+    """Distances from the utility to its interval's ends (the seeds' std where no interval is given)."""
+    bar = r.get(f"{utility}_bar") or {}
+    if finite(bar.get("ci_low")) and finite(bar.get("ci_high")):
+        return max(r[utility] - bar["ci_low"], 0.0), max(bar["ci_high"] - r[utility], 0.0)
+    s = r.get(f"{utility}_std") if (r.get(f"{utility}_n") or 0) > 1 and finite(r.get(f"{utility}_std")) else 0.0
+    return s, s
+
+
+def utility_section(r: Report, summary_rows: list[dict[str, Any]], summary: dict[str, Any],
+                    attackers: list[str]) -> None:
+    """DistillGuard's two axes side by side: per defense setting, what a legitimate user keeps (final-answer
+    accuracy, step validity, checkable reasoning, KL to the undefended teacher), each against the undefended
+    teacher on the same prompts, next to what the distiller recovers; and the frontier drawn against each utility."""
+    rows = summary.get("utility") or []
+    if not rows:
+        return
+    r.heading("Utility a legitimate user feels, beside the distiller's recovery")
+    r.text("Per defense setting, on the attacker's own queries: final-answer accuracy; step validity (share of the "
+           "revealed reasoning lines that are valid steps; none shown: 0); checkable reasoning (at least one step, "
+           "every step valid, the last step's result the stated answer); the KL to the undefended teacher per token "
+           "where it is defined (not for output-level defenses, which rewrite the text). Each utility is its mean "
+           "[95% bootstrap interval over seeds and prompts], then its paired difference to the undefended teacher on "
+           "the same prompts and seeds; R and the gain are the student's, as in the summary.", note=True)
+    head = ["defense", "final-answer acc", "Δ acc", "step validity", "Δ validity", "checkable", "Δ checkable",
+            "KL to undefended"]
+    for a in attackers:
+        head += [f"R ({a})", f"gain ({a})"]
+    body = []
+    for u in rows:
+        line = [u["defense_label"]]
+        for k in UTILITIES:
+            line += [format_interval(u.get(k)), format_interval(u.get(f"{k}_vs_undefended"), signed=True)]
+        line.append(f"{u['teacher_kl']:.4f}" if finite(u.get("teacher_kl")) else "undefined")
+        for a in attackers:
+            at = (u.get("attackers") or {}).get(a) or {}
+            line += [_recovery_cell({"recovery_ci": at.get("recovery_ci"), "recovery": None}),
+                     _interval(at.get("gain"))]
+        body.append(line)
+    r.table(head, body)
+    marks = [u for u in rows if finite(u.get("poisoned_fraction")) or finite(u.get("changed_fraction"))]
+    if marks:
+        r.text("; ".join(f"{u['defense_label']}: " + ", ".join(
+            f"{name} {u[k]:.3f}" for k, name in (("poisoned_fraction", "poisoned share"),
+                                                 ("changed_fraction", "share of texts changed")) if finite(u.get(k)))
+            for u in marks) + ".", note=True)
+    for u in UTILITIES:
+        r.figure(frontier_figure(summary_rows, attackers, u, rows),
+                 f"The frontier against {UTILITIES[u]} (vertical bars: its 95% interval over seeds and prompts).")
 
 
 def _recovery_err(r: dict[str, Any]) -> tuple[float, float]:
@@ -171,6 +238,7 @@ def add_game_sections(r: Report, cfg: GameConfig, out: Path, rows: list[dict[str
              "teacher's accuracy over seeds."
              + (f" Not drawn (R unstable: the undefended gain's interval reaches below 0.05): {', '.join(unstable)}."
                 if unstable else ""))
+    add_worst_case_section(r, summary_rows, summary.get("worst_case") or [], attackers, cfg)  # game/worst_case.py
     r.heading("Summary")
     r.text("Gains are student accuracy minus the base student's, paired by test problem (and seed), with 95% "
            "bootstrap intervals; the undefended gain is the denominator of R.", note=True)
@@ -179,6 +247,8 @@ def add_game_sections(r: Report, cfg: GameConfig, out: Path, rows: list[dict[str
             [[s["defense_label"], s["attacker"], s["teacher_accuracy"], s["teacher_kl"], s["student_accuracy"],
               _interval(s.get("gain")), _interval(s.get("undefended_gain")), _recovery_cell(s),
               s["oracle_spearman"]] for s in summary_rows])
+    utility_section(r, summary_rows, summary, attackers)
+    add_detectability_section(r, cfg, summary, summary_rows)
     if summary["gaps"]:
         r.heading("Passive / adaptive gap")
         r.table(["defense", "attacker", "accuracy gap (attacker - passive) [95% CI]", "R(attacker) - R(passive)"],

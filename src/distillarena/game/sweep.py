@@ -39,9 +39,10 @@ from distillarena.core.config import dump_config
 from distillarena.core.errors import UserError
 from distillarena.core.io import atomic_dir, atomic_write_json, atomic_write_text, json_safe
 from distillarena.evaluate.task_eval import evaluate_problems, per_position_entropy
-from distillarena.game.attack import encode_traces, plan_attack, train_student
+from distillarena.game.attack import apply_plan, attack_context, plan_attack, train_student
 from distillarena.game.collect import collect, game_task, load_traces
 from distillarena.game.config import AttackerConfig, DefenseConfig, GameConfig
+from distillarena.game.detect import detectability, detectability_rows
 from distillarena.game.keys import UNDEFENDED, base_key, cell_key, digest, traces_key, world_of
 from distillarena.game.metrics import (
     RECOVERY_FLOOR,
@@ -50,9 +51,11 @@ from distillarena.game.metrics import (
     gaps,
     intervals,
     recovery,
+    worst_case,
 )
+from distillarena.game.utility import utility_table
 from distillarena.report.stats import finite, outcomes, paired_ratio
-from distillarena.tasks.data import encode_example, problem_example
+from distillarena.tasks.data import Example, encode_example, problem_example
 from distillarena.train.teacher import resolve_model
 
 
@@ -97,6 +100,7 @@ class Game:
         self.task = game_task(cfg)
         self._student = None
         self._teacher = None
+        self._models: dict[str, Any] = {}
         self.test = self.task.problems("test", cfg.eval.n_problems, cfg.eval.difficulties, seed=0)
         # 3-operation problems: the smallest with several valid step orders (where a multi-modal teacher shows)
         self.entropy_problems = (self.task.problems("test", cfg.eval.entropy_problems, [3], seed=1)
@@ -115,10 +119,59 @@ class Game:
             self._teacher = (model, tok, str(path))
         return self._teacher
 
-    def holdout(self, tok) -> list[EncodedPair]:
-        """The attacker's clean holdout: reference solutions of holdout-split problems."""
+    def holdout(self, tok, source: str = "reference") -> list[EncodedPair]:
+        """The attacker's clean holdout on ``cfg.holdout`` holdout-split problems: reference solutions, or
+        (``teacher``) the undefended teacher's completions of them at the game's decoding (sampled once, cached in
+        ``holdout/``)."""
         problems = self.task.problems("holdout", self.cfg.holdout, self.cfg.prompts.n_ops, seed=0)
-        return [encode_example(tok, problem_example(p)) for p in problems]
+        if source == "reference":
+            return [encode_example(tok, problem_example(p)) for p in problems]
+        what = {"world": world_of(self.cfg), "decoding": self.cfg.decoding.params(), "n": len(problems),
+                "n_ops": self.cfg.prompts.n_ops, "max_new_tokens": self.cfg.max_new_tokens}
+        path = self.out / "holdout" / f"teacher-{digest(what)}.json"
+        if path.is_file():
+            completions = json.loads(path.read_text())["completions"]
+        else:
+            from distillarena.game.traces import _teacher_completions
+
+            teacher, ttok, _ = self.teacher()
+            completions = _teacher_completions(teacher, ttok, [p.prompt for p in problems], self.cfg.decoding.params(),
+                                               max_new_tokens=self.cfg.max_new_tokens)
+            atomic_write_json(path, {"source": "undefended teacher", "decoding": self.cfg.decoding.params(),
+                                     "completions": completions})
+        return [encode_example(tok, Example(prompt=p.prompt, completion=c))
+                for p, c in zip(problems, completions, strict=True)]
+
+    def load_model(self, ref):
+        """``(model, tokenizer)`` of a model reference (a defense's proxy for an attacker that knows it), cached."""
+        key = json.dumps(ref.model_dump(mode="json"), sort_keys=True)
+        if key not in self._models:
+            model, tok, _ = resolve_model(ref, self.console)
+            self._models[key] = (model, tok)
+        return self._models[key]
+
+    def attack_traces(self, c: Cell) -> tuple[Path, dict[str, Any]]:
+        """The traces the cell's attacker bought; with k samples per prompt, the teacher's utility still comes from
+        the one-sample collection of the same defense and seed (a property of the defense, the same for every
+        attacker), and the k-sample collection's own numbers are kept as ``sampled_*``."""
+        k = c.attacker.samples_per_prompt
+        folder = self.out / "traces" / traces_key(self.cfg, c.defense, c.seed, k)
+        meta = collect(self.cfg, c.defense, c.seed, folder, self.console, samples_per_prompt=k)
+        if k == 1:
+            return folder, meta
+        own = {f"sampled_{n}": meta.get(n) for n in ("traces", "teacher_accuracy", "teacher_tokens")}
+        return folder, {**self.traces(c.defense, c.seed)[1], **own, "samples_per_prompt": k}
+
+    def skipped_cell(self, c: Cell, key: str, folder: Path, tkey: str, meta: dict[str, Any], plan) -> dict[str, Any]:
+        cell = {"key": key, "world": digest(world_of(self.cfg)), "defense": c.defense.kind,
+                "params": dict(c.defense.params), "defense_label": c.defense.label, "attacker": c.attacker.label,
+                "attacker_kind": c.attacker.kind, "attacker_config": c.attacker.model_dump(mode="json"),
+                "seed": c.seed, "budget": self.cfg.budget, "traces_key": tkey, "base_key": base_key(self.cfg),
+                "skipped": plan.skipped, "student_accuracy": None, "student_correct": None, "n_trained": 0,
+                **{k: v for k, v in meta.items() if k not in ("defense", "params", "seed")}, **plan.info}
+        with atomic_dir(folder) as tmp:
+            atomic_write_json(tmp / "cell.json", cell)
+        return cell
 
     # --- cached pieces -------------------------------------------------------------------------------------------
     def teacher_info(self) -> dict[str, Any]:
@@ -166,14 +219,18 @@ class Game:
         if (folder / "cell.json").is_file():
             return json.loads((folder / "cell.json").read_text())
         t0 = time.perf_counter()
-        tfolder, meta = self.traces(c.defense, c.seed)
+        tfolder, meta = self.attack_traces(c)
         records = load_traces(tfolder)
         base_model, tok, _ = self.student()
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         a = c.attacker
-        enc, topk = encode_traces(records, tok, objective=a.objective, forced=self.cfg.answer_forcing)
         student = copy.deepcopy(base_model)
-        plan = plan_attack(a, student, enc, self.holdout(tok), pad_id=pad, cfg=self.cfg, seed=c.seed)
+        ctx = attack_context(a, records, student, tok, task=self.task, defense=c.defense, cfg=self.cfg, seed=c.seed,
+                             holdout=lambda source: self.holdout(tok, source), load_model=self.load_model)
+        plan = plan_attack(a, ctx, referee=self.teacher)
+        if plan.skipped:  # e.g. no log-probs revealed: recorded, with the reason, and no student trained
+            return self.skipped_cell(c, key, folder, tfolder.name, meta, plan)
+        enc, topk = apply_plan(ctx, plan, tok)
         t1 = time.perf_counter()
         student = train_student(student, enc, plan, topk, a, self.cfg, seed=c.seed, pad_id=pad)
         train_s = time.perf_counter() - t1
@@ -190,7 +247,7 @@ class Game:
             "student_by_difficulty": {str(k): v for k, v in ev.by_difficulty.items()},
             "student_entropy": entropy, "train_s": train_s, "cell_s": time.perf_counter() - t0,
             "n_trained": len(plan.keep), **{k: v for k, v in meta.items() if k not in ("defense", "params", "seed")},
-            **plan.info,
+            **plan.info, **detectability(self.cfg, student, tok, self.task, records, self.teacher),
         }
         with atomic_dir(folder) as tmp:
             atomic_write_json(tmp / "cell.json", cell)
@@ -233,6 +290,9 @@ def run_game(cfg: GameConfig, out: Path, console: Console | None = None) -> dict
             continue
         c0 = time.perf_counter()
         rec = game.run_cell(c)
+        if rec.get("skipped"):
+            console.print(f"[{i}/{len(cells)}] {c.label}: [yellow]{rec['skipped']}[/]")
+            continue
         msg = f"[{i}/{len(cells)}] {c.label}: student accuracy {rec['student_accuracy']:.1%}"
         if rec.get("oracle_spearman") is not None:
             msg += f", value/oracle rank corr {rec['oracle_spearman']:+.2f}"
@@ -262,7 +322,7 @@ def table(cfg: GameConfig, out: Path) -> list[dict[str, Any]]:
             raise UserError(f"cell {p.parent.name} was computed with another task or teacher than this config")
         r["attacker"] = c.attacker.label  # the name may have changed since (it is not part of the key)
         r["undefended_reference"] = c.defense.kind == "none" and not c.defense.params
-        if r["undefended_reference"]:
+        if r["undefended_reference"] and r.get("student_accuracy") is not None:
             refs[(r["attacker"], r["seed"])] = r["student_accuracy"]
         rows.append(r)
     base_out = outcomes(base.get("correct"))
@@ -272,7 +332,9 @@ def table(cfg: GameConfig, out: Path) -> list[dict[str, Any]]:
         r["base_accuracy"] = base["accuracy"]
         ref = refs.get((r["attacker"], r["seed"]))
         r["reference_accuracy"] = ref
-        if ref is None:
+        if r.get("skipped"):
+            r["recovery"], r["recovery_note"] = float("nan"), r["skipped"]
+        elif ref is None:
             r["recovery"], r["recovery_note"] = float("nan"), "the undefended reference cell is missing"
         else:
             r["recovery"], r["recovery_note"] = recovery(r["student_accuracy"], base["accuracy"], ref)
@@ -288,7 +350,8 @@ def table(cfg: GameConfig, out: Path) -> list[dict[str, Any]]:
 
 
 CSV_COLUMNS = ["defense_label", "defense", "attacker", "attacker_kind", "seed", "budget", "teacher_accuracy",
-               "teacher_accuracy_forced", "teacher_step_validity", "teacher_kl", "teacher_tokens_per_s",
+               "teacher_accuracy_forced", "teacher_step_validity", "teacher_checkable", "poisoned_fraction",
+               "teacher_kl", "teacher_tokens_per_s",
                "proxy_forwards_per_token", "offline_s", "base_accuracy", "reference_accuracy", "student_accuracy",
                "student_step_validity", "recovery", "recovery_note", "oracle_spearman", "ess_fraction",
                "frac_mass_top20", "n_trained", "train_s", "valuation_s", "key"]
@@ -324,12 +387,15 @@ def rebuild(out: Path, cfg: GameConfig, console: Console | None = None, report: 
     for g in gap_rows:
         iv = gap_ivs.get((g["defense_label"], g["attacker"]))
         g["accuracy_gap_ci"] = iv.as_dict() if iv is not None else None
-    summary = {"cells": len(rows), "rows": json_safe(summ), "gaps": json_safe(gap_rows),
-               "undefended_gain": json_safe(undefended_gain), "decoding": cfg.decoding.params(), "base": base}
+    worst = worst_case(rows, summ, base.get("correct"))  # the defender's honest frontier: the best attacker
+    summary = {"cells": len(rows), "rows": json_safe(summ), "gaps": json_safe(gap_rows), "worst_case": json_safe(worst),
+               "undefended_gain": json_safe(undefended_gain), "decoding": cfg.decoding.params(), "base": base,
+               "utility": json_safe(utility_table(rows, summ))}
     teacher_json = out / "teacher.json"
     if teacher_json.is_file():
         t = json.loads(teacher_json.read_text())
         summary["multimodality"] = {k: t.get(k) for k in ("multimodal_share", "choice_entropy", "choice_entropy_n")}
+    summary["detectability"] = json_safe(detectability_rows(cfg, rows))
     atomic_write_json(out / "summary.json", summary)
     if report:
         from distillarena.game.report import write_report

@@ -20,6 +20,7 @@ from distillarena.core.io import JsonlWriter, cache_dir, read_jsonl, repair_json
 from distillarena.defenses.antidistillation import compute_proxy_gradient, load_proxy_gradient
 from distillarena.defenses.policy import DecodingPolicy, build_policy
 from distillarena.defenses.reveal import RevealTopK
+from distillarena.defenses.rewrite import fit_tokens
 from distillarena.defenses.spec import DEFENSES
 from distillarena.game.config import DecodingConfig, DefenseConfig, TracesConfig
 from distillarena.models.fingerprint import model_fingerprint
@@ -93,7 +94,7 @@ def build_defense(cfg: DefenseConfig, teacher: torch.nn.Module, tokenizer, task:
             gradient = defense_gradient(cfg, proxy, proxy_tok, task, console, teacher, decoding)
     params = decoding.under(cfg.params) if decoding is not None else cfg.params
     return build_policy(cfg.kind, params, teacher=teacher, tokenizer=tokenizer, proxy=proxy,
-                        proxy_tokenizer=proxy_tok, gradient=gradient)
+                        proxy_tokenizer=proxy_tok, gradient=gradient, task=task)
 
 
 def trace_record(index: int, problem: TaskProblem, task: Task, completion: str, tokens: list[int],
@@ -113,6 +114,21 @@ def trace_record(index: int, problem: TaskProblem, task: Task, completion: str, 
     return rec
 
 
+def rewritten_record(index: int, problem: TaskProblem, task: Task, teacher_text: str, rewritten, tok, *,
+                     ended: bool, max_tokens: int, defense: str, params: dict[str, Any], seed: int, batch: int,
+                     teacher: str) -> dict[str, Any]:
+    """The trace record of an output-level defense: the rewritten text and its tokens as the tokenizer reads it,
+    within ``max_tokens`` (and the EOS if the teacher stopped: :func:`~distillarena.defenses.rewrite.fit_tokens`,
+    as the server reveals it), no log-probs, top-k or KL (none of the rewritten text is the teacher's); the
+    teacher's own text and the rewrite's marks (e.g. ``poisoned``) kept beside it."""
+    text, tokens, _ = fit_tokens(rewritten.text, tok, max_tokens, tok.eos_token_id, ended=ended)
+    rec = trace_record(index, problem, task, text, tokens, None, None, None, top=None, defense=defense,
+                       params=params, seed=seed, batch=batch, teacher=teacher)
+    rec["teacher_completion"] = teacher_text
+    rec.update(rewritten.marks)
+    return rec
+
+
 def batch_seed(seed: int, batch: int) -> int:
     """The generator seed of batch ``batch`` (shared with the game's collection over HTTP, which sends it)."""
     return seed * 1_000_003 + batch
@@ -125,8 +141,12 @@ def run_traces(cfg: TracesConfig, out: Path, console: Console | None = None) -> 
     task = model_task(cfg.teacher)
     policy = build_defense(cfg.defense, teacher, tok, task, console, cfg.decoding)
     reveal = RevealTopK(cfg.reveal.top_k, decimals=cfg.reveal.decimals, noise_std=cfg.reveal.noise_std,
-                        seed=cfg.seed) if cfg.reveal.top_k else None
+                        seed=cfg.seed) if cfg.reveal.top_k and not policy.rewrites_text else None
+    if cfg.reveal.top_k and policy.rewrites_text:
+        console.print(f"defense {policy.kind} rewrites the teacher's text: the traces reveal the text alone, no "
+                      "top-k log-probs (reveal.top_k is ignored)")
     problems = task.problems(cfg.prompts.split, cfg.prompts.n, cfg.prompts.n_ops, seed=cfg.prompts.seed)
+    problems = [p for p in problems for _ in range(cfg.prompts.samples)]  # k samples per prompt, consecutive
 
     repair_jsonl(out)
     done = {r["index"] for r in read_jsonl(out)} if out.exists() else set()
@@ -145,11 +165,23 @@ def run_traces(cfg: TracesConfig, out: Path, console: Console | None = None) -> 
                                 max_new_tokens=cfg.max_new_tokens, generator=gen, reveal=reveal,
                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
             texts = res.texts(tok)
+            rewritten = (policy.rewrite([problems[i].prompt for i in idx], texts, seed=batch_seed(cfg.seed, b))
+                         if policy.rewrite is not None else None)
             for row, i in enumerate(idx):
                 if i in done:
                     continue
                 n = int(res.lengths[row])
                 p = problems[i]
+                if rewritten is not None:  # output-level: the rewritten text alone is revealed
+                    ended = n > 0 and int(res.tokens[row, n - 1]) == tok.eos_token_id
+                    rec = rewritten_record(i, p, task, texts[row], rewritten[row], tok, ended=ended,
+                                           max_tokens=cfg.max_new_tokens, defense=policy.kind,
+                                           params=dict(cfg.defense.params), seed=cfg.seed, batch=b,
+                                           teacher=str(teacher_path))
+                    writer.write(rec)
+                    n_new += 1
+                    n_tokens += n
+                    continue
                 top = None
                 if res.top_ids is not None:
                     top_lps = res.top_logprobs[row, :n].tolist()
@@ -166,12 +198,15 @@ def run_traces(cfg: TracesConfig, out: Path, console: Console | None = None) -> 
                 n_tokens += n
     seconds = time.perf_counter() - t0
     records = read_jsonl(out)
+    kl_known = all(r["kl_to_undefended"] is not None for r in records)
     summary = {
         "traces": len(records), "new": n_new, "defense": cfg.defense.label, "decoding": cfg.decoding.params(),
         "accuracy": sum(r["correct"] for r in records) / max(len(records), 1),
-        "kl_to_undefended": sum(r["kl_to_undefended"] for r in records) / max(len(records), 1),
+        "kl_to_undefended": sum(r["kl_to_undefended"] for r in records) / max(len(records), 1) if kl_known else None,
         "tokens_per_s": n_tokens / seconds if n_new else None,
     }
+    kl = (f"mean KL to undefended {summary['kl_to_undefended']:.3f}" if kl_known
+          else "KL to undefended undefined (the text is rewritten)")
     console.print(f"[green]{len(records)} traces[/] in {out} ({n_new} new): defense {cfg.defense.label}, "
-                  f"accuracy {summary['accuracy']:.1%}, mean KL to undefended {summary['kl_to_undefended']:.3f}")
+                  f"accuracy {summary['accuracy']:.1%}, {kl}")
     return summary

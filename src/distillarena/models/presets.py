@@ -1,7 +1,8 @@
 """Model presets (Llama architecture, sized for the built-in world) and loading of any user model.
 
 Every model is a plain Hugging Face ``LlamaForCausalLM``: a folder we save loads with
-``AutoModelForCausalLM.from_pretrained`` and no project code.
+``AutoModelForCausalLM.from_pretrained`` and no project code. A hub id is downloaded unless the user set
+``HF_HUB_OFFLINE`` (the ``distillarena`` command sets it to 1 by default); a local folder never touches the network.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from distillarena.core.errors import UserError
+from distillarena.models.hub import hub_hint, hub_offline, no_hub_probes
 from distillarena.models.tokenizer import BUILTIN_PREFIX, builtin_tokenizer
 
 # name -> (hidden, layers, heads, intermediate). Parameter counts with the built-in tokenizer (vocab 317,
@@ -78,26 +80,28 @@ def _resolve(path_or_id: str) -> tuple[str, bool]:
 
 
 def load_model(path_or_id: str, dtype: torch.dtype | str = torch.float32) -> torch.nn.Module:
-    """Load any causal LM by local path or hub id (hub ids only from the local cache: no network at run time)."""
+    """Load any causal LM by local path or hub id (downloaded unless ``HF_HUB_OFFLINE`` is set: see
+    :func:`hub_offline`)."""
     where, is_local = _resolve(path_or_id)
     try:
-        return AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True)
+        with no_hub_probes(is_local):
+            return AutoModelForCausalLM.from_pretrained(where, dtype=dtype,
+                                                        local_files_only=is_local or hub_offline())
     except (OSError, ValueError) as e:
-        kind = "folder" if is_local else "hub id (not in the local cache, and nothing is downloaded)"
-        raise UserError(f"cannot load a causal LM from {kind} {path_or_id!r}: {e}") from None
+        raise UserError(f"cannot load a causal LM from {hub_hint(is_local)} {path_or_id!r}: {e}") from None
 
 
 def load_tokenizer(path_or_id: str):
-    """A tokenizer by local path, hub id (local cache only) or built-in name (``builtin:task``,
-    ``builtin:merged-digits``)."""
+    """A tokenizer by local path, hub id (downloaded unless ``HF_HUB_OFFLINE`` is set) or built-in name
+    (``builtin:task``, ``builtin:merged-digits``)."""
     if path_or_id.startswith(BUILTIN_PREFIX):
         return builtin_tokenizer(path_or_id)
     where, is_local = _resolve(path_or_id)
     try:
-        tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
+        with no_hub_probes(is_local):
+            tok = AutoTokenizer.from_pretrained(where, local_files_only=is_local or hub_offline())
     except (OSError, ValueError) as e:
-        kind = "folder" if is_local else "hub id (not in the local cache)"
-        raise UserError(f"cannot load a tokenizer from {kind} {path_or_id!r}: {e}") from None
+        raise UserError(f"cannot load a tokenizer from {hub_hint(is_local)} {path_or_id!r}: {e}") from None
     if tok.pad_token_id is None:
         # Common for real models: pad with EOS. Completion masks keep the real EOS (see tasks.data).
         tok.pad_token = tok.eos_token

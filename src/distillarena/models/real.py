@@ -23,6 +23,7 @@ import torch
 
 from distillarena.core.errors import UserError
 from distillarena.core.io import atomic_dir, atomic_write_json, cache_dir
+from distillarena.models.hub import no_hub_probes
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -71,8 +72,9 @@ def load_smollm2_gguf(dtype: str = "float32") -> tuple[torch.nn.Module, Any]:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with no_hub_probes(True):  # a local file: never ask the hub
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:

@@ -95,7 +95,10 @@ def _cached_tokenizer(name: str, train: Callable[[], PreTrainedTokenizerFast]) -
     if not (path / "tokenizer.json").exists():
         with atomic_dir(path) as tmp:
             train().save_pretrained(tmp)
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
+    from distillarena.models.hub import no_hub_probes
+
+    with no_hub_probes(True):
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
 def task_tokenizer() -> PreTrainedTokenizerFast:

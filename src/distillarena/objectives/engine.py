@@ -29,6 +29,11 @@ hidden[chunk]``), Liger-style, so no float32 ``[positions, V]`` tensor ever exis
 ``backward`` only scales the stored gradients by the incoming gradient (in place: backward through one output
 twice is refused).
 
+The path is chosen by size: when one chunk holds every position (positions x V within the chunk budget, every
+position valid), the chunk's gradient is handed over as the input's gradient (the dense case: no zero-filled
+``[positions, .]`` buffer, no copy); otherwise the chunks write into one. Both give the same numbers
+(``tests/test_engine_dense.py``).
+
 Numerics
 --------
 Everything is computed in float32 (bf16/fp16 inputs are upcast per chunk; float64 inputs stay float64), with
@@ -473,6 +478,9 @@ class _Plan:
             n = cpu.numel()
             contiguous = n > 0 and int(cpu[-1]) - int(cpu[0]) + 1 == n
             self.chunks.append((piece, int(cpu[0]) if contiguous else None))
+        # the dense case, chosen by size: one chunk holds every position (positions x V <= the chunk budget, all
+        # of them valid), so its gradient *is* the input's gradient: no zero-filled [positions, .] buffer to copy into
+        self.whole = len(self.chunks) == 1 and self.chunks[0][1] == 0 and self.count == self.N
         self.metric_sums: dict[str, list[Tensor]] = {}
         self.dropped: dict[str, list[Tensor]] = {}
 
@@ -707,11 +715,11 @@ class _Plan:
         loss = torch.zeros((), dtype=self.cdtype, device=self.device)
         g_logits = g_h = g_w = g_b = None
         if self.mode == "logits":
-            if want[0]:
+            if want[0] and not self.whole:
                 g_logits = torch.zeros_like(self.s_logits)
         else:
             head = self.head
-            if want[0]:
+            if want[0] and not self.whole:
                 g_h = torch.zeros_like(self.s_hidden)
             if want[1]:
                 # written by the first chunk (mm out=), accumulated by the next ones: no 0.6 GB zero-fill
@@ -738,10 +746,13 @@ class _Plan:
                 continue
             assert dz is not None
             if self.mode == "logits":
-                if g_logits is not None:
+                if want[0]:
                     if self.Vs > self.V:
                         dz = F.pad(dz, (0, self.Vs - self.V))
-                    g_logits.index_copy_(0, idx, dz.to(g_logits.dtype))
+                    if g_logits is not None:
+                        g_logits.index_copy_(0, idx, dz.to(g_logits.dtype))
+                    else:  # dense: the one chunk is every position, in order
+                        g_logits = dz.to(self.s_logits.dtype)
                 continue
             # fused: push the chunk's gradient through softcap, scale and the linear layer
             head = self.head
@@ -753,6 +764,8 @@ class _Plan:
             W = head.weight[: self.V]
             if g_h is not None:
                 g_h.index_copy_(0, idx, (dz.to(W.dtype) @ W).to(g_h.dtype))
+            elif want[0]:  # dense
+                g_h = (dz.to(W.dtype) @ W).to(self.s_hidden.dtype)
             if g_w is not None:
                 h = _rows(self.s_hidden, idx, start).to(self.cdtype)
                 if g_w_written:

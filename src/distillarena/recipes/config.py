@@ -63,18 +63,21 @@ def _demo_distill_defaults() -> dict[str, Any]:
 
 
 def demo_game() -> GameConfig:
-    """The demo's game: no defense, one temperature and one PoE strength, passive and adaptive students, one seed,
-    2-operation prompts and 1,000 2-operation test problems (where the base student has room to learn), sized to run
-    in about three minutes (the teacher is the demo's own: ``teacher`` is filled in from it). The adaptive student's
-    beta is 0.5, not 1: at beta 1 a few traces carry most of the weight (docs/decisions.md, "The demo's adaptive
-    beta")."""
+    """The demo's game: no defense, one temperature and one PoE strength, one seed, 2-operation prompts and 1,000
+    2-operation test problems (where the base student has room to learn), the teacher the demo's own (``teacher``
+    is filled in from it). Attackers: passive; the paper's adaptive student (beta 0.5, not 1: at beta 1 a few traces
+    carry most of the weight; docs/decisions.md, "The demo's adaptive beta"); the competent value tilt; and the
+    verifier filter (rejection sampling on the final answer), so that the report's worst case over attackers has
+    an attacker a defender must fear. (The inversion attackers need revealed log-probs, self-consistency a second
+    trace collection: ``examples/game-attackers.yaml`` plays them all.)"""
     return GameConfig(
         defenses=[GameDefense(kind="temperature", strengths=[{"temperature": 1.6}]),
                   GameDefense(kind="poe", strengths=[{"gamma": 0.5}])],
-        attackers=[AttackerConfig(kind="passive"), AttackerConfig(kind="adaptive", beta=0.5)],
+        attackers=[AttackerConfig(kind="passive"), AttackerConfig(kind="adaptive", beta=0.5),
+                   AttackerConfig(kind="value_tilt"), AttackerConfig(kind="verifier_filter")],
         seeds=[0], budget=1024, prompts=GamePrompts(pool=2048),
         train=GameTrainConfig(steps=200), eval=GameEvalConfig(entropy_problems=32),
-        oracle=OracleConfig(n_traces=16, lr=1e-3))
+        oracle=OracleConfig(n_traces=64, lr=1e-3))
 
 
 class DemoConfig(Strict):

@@ -12,8 +12,10 @@ Run folder: ``config.yaml`` (resolved), ``metrics.jsonl``, ``summary.json``, ``c
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -21,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from rich.console import Console
 
 from distillarena.core.config import dump_config
@@ -35,15 +36,17 @@ from distillarena.teachers import (
 )
 from distillarena.teachers.cross import CrossTokenizerTeacher
 from distillarena.train.checkpoint import latest_checkpoint
-from distillarena.train.config import DistillConfig
+from distillarena.train.config import DistillConfig, PushToHubConfig
 from distillarena.train.distill import (
     DistillLoss,
     DistillStream,
     OnPolicy,
     Stage,
 )
-from distillarena.train.loop import LoopConfig, StepLog, train
+from distillarena.train.loop import LoopConfig, StepLog, full_precision_accelerator, train
 from distillarena.train.setup import (
+    Given,
+    api_teacher_cache,
     build_data,
     build_student,
     build_teacher,
@@ -56,13 +59,14 @@ from distillarena.train.setup import (
     teacher_access,
     training_data,
 )
-from distillarena.train.student import plain_model
+from distillarena.train.student import UnderPrecision, plain_model
 
 
 @dataclass
 class DistillResult:
     out: Path
     summary: dict[str, Any]
+    model: torch.nn.Module | None = None  # the trained student, in memory (LoRA adapters not merged)
 
     @property
     def student_path(self) -> Path:
@@ -154,17 +158,46 @@ def save_student(trained: torch.nn.Module, tok, out: Path, *, lora: bool) -> Non
             trained.save_pretrained(tmp)
 
 
+def check_can_push(push: PushToHubConfig) -> None:
+    from distillarena.models.hub import hub_offline
+
+    if importlib.util.find_spec("huggingface_hub") is None:  # pragma: no cover - a transformers dependency
+        raise UserError("push_to_hub needs the huggingface_hub package")
+    if hub_offline():
+        raise UserError(f"push_to_hub ({push.repo_id}) needs the network, but HF_HUB_OFFLINE is set (the "
+                        "distillarena command sets it unless the environment does): run with HF_HUB_OFFLINE=0")
+
+
+def push_student(folder: Path, push: PushToHubConfig) -> dict[str, Any]:
+    """Upload the ``student/`` folder to the model repository ``push.repo_id`` (created if missing)."""
+    from huggingface_hub import HfApi
+
+    token = os.environ.get(push.token_env) if push.token_env else None
+    api = HfApi(token=token or None)
+    try:
+        api.create_repo(push.repo_id, private=push.private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(repo_id=push.repo_id, folder_path=str(folder), repo_type="model",
+                                 commit_message=push.commit_message)
+    except Exception as e:  # network, auth, a name taken: the student stays saved locally either way
+        raise UserError(f"push_to_hub: uploading {folder} to {push.repo_id} failed ({type(e).__name__}: {e}); "
+                        "the student is saved locally") from None
+    return {"repo_id": push.repo_id, "url": str(getattr(info, "commit_url", "") or ""),
+            "commit": getattr(info, "oid", None)}
+
+
 def run_distill(cfg: DistillConfig, out: Path, *, resume: bool = False, overwrite: bool = False,
-                console: Console | None = None) -> DistillResult:
-    """Distill per ``cfg`` into the run folder ``out`` (see the module docstring)."""
+                console: Console | None = None, given: Given | None = None) -> DistillResult:
+    """Distill per ``cfg`` into the run folder ``out`` (see the module docstring). ``given``: model and dataset
+    objects of the Python API, used instead of the config's paths."""
     t_start = time.perf_counter()
     out = Path(out)
     stages = resolve_stages(cfg)
     check_regimes(cfg, stages)
+    if cfg.teacher.api is not None:  # the API teacher's answers (seq_kd) are its cache's data, read off-policy
+        stages = [dataclasses.replace(st, seq_kd=False) for st in stages]
     check_run_dir(out, resume=resume, overwrite=overwrite)
     trackers = _trackers(cfg)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None,
-                              project_dir=str(out))
+    accelerator = full_precision_accelerator(log_with=trackers or None, project_dir=str(out))
     main = accelerator.is_main_process
     console = console or Console()
     if not main:
@@ -175,9 +208,11 @@ def run_distill(cfg: DistillConfig, out: Path, *, resume: bool = False, overwrit
                         f"({world}): the global batch is batch_size x grad_accum micro-batches, shared out among "
                         "the processes")
 
-    teacher = build_teacher(cfg, accelerator, console)
-    student, tok = build_student(cfg, teacher)
-    data, pools, seq_kd_info = training_data(cfg, teacher, student, tok, stages, accelerator, console)
+    if cfg.push_to_hub is not None:
+        check_can_push(cfg.push_to_hub)  # before any training: a push that cannot happen is refused now
+    teacher = build_teacher(cfg, accelerator, console, given)
+    student, tok = build_student(cfg, teacher, given)
+    data, pools, seq_kd_info = training_data(cfg, teacher, student, tok, stages, accelerator, console, given)
 
     # the run folder: only now is anything written into it
     if main:
@@ -259,8 +294,11 @@ def run_distill(cfg: DistillConfig, out: Path, *, resume: bool = False, overwrit
             progress.update(task, completed=s.step, status=status)
 
         # ``student`` is the module being trained (the loop wraps it, the parameters are the same)
-        trained = train(student, stream, loss_fn, loop, accelerator=accelerator, on_log=on_log,
-                        on_eval=lambda step: evaluate(step, student), prepare=on_policy,
+        # student.dtype bfloat16: the loss (forward included) and on-policy sampling under autocast
+        dtype = cfg.student.dtype
+        trained = train(student, stream, UnderPrecision(loss_fn, dtype, accelerator.device), loop,
+                        accelerator=accelerator, on_log=on_log, on_eval=lambda step: evaluate(step, student),
+                        prepare=UnderPrecision(on_policy, dtype, accelerator.device) if on_policy is not None else None,
                         checkpoint_dir=out / "checkpoints", resume=resume)
         progress.update(task, completed=loop.steps)
     final = evaluate(loop.steps, trained)
@@ -275,6 +313,9 @@ def run_distill(cfg: DistillConfig, out: Path, *, resume: bool = False, overwrit
             "seq_kd_cache": seq_kd_info, "resumed_from": str(resuming_from) if resuming_from else None,
             "student_parameters": count_parameters(trained), "wall_seconds": time.perf_counter() - t_start,
         }
+        if cfg.push_to_hub is not None:
+            summary["hub"] = push_student(out / "student", cfg.push_to_hub)
+            console.print(f"[bold green]student pushed[/] to {cfg.push_to_hub.repo_id}")
         atomic_write_json(out / "summary.json", summary)
         msg = f"[bold green]student saved[/] {out / 'student'}"
         if "heldout_fkl" in final:
@@ -289,7 +330,7 @@ def run_distill(cfg: DistillConfig, out: Path, *, resume: bool = False, overwrit
     if trackers:
         accelerator.end_training()
     accelerator.wait_for_everyone()
-    return DistillResult(out, summary)
+    return DistillResult(out, summary, trained)
 
 
 def _cut_torn_line(path: Path) -> None:
@@ -328,13 +369,26 @@ def run_cache_teacher(cfg: DistillConfig, out: Path, *, k: int = 128, bits: int 
     """Run the config's teacher once over its training data and write a top-k cache folder ``out``."""
     console = console or Console()
     out = Path(out)
+    if cfg.teacher.api is not None:  # the served teacher's top-k (its k is teacher.api.top_logprobs)
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise UserError(f"{out} already exists and is not empty; pass --overwrite or another --out")
+        if out.exists() and overwrite:
+            shutil.rmtree(out)
+        t0 = time.perf_counter()
+        folder = api_teacher_cache(cfg, full_precision_accelerator(), console, out=out)
+        stats = dict(json.loads((folder / "manifest.json").read_text())["stats"])
+        stats["seconds"] = time.perf_counter() - t0
+        console.print(f"[bold green]top-k cache[/] {out}: k={cfg.teacher.api.top_logprobs} from the API teacher, "
+                      f"{stats['positions']:,} target positions")
+        return stats
     if cfg.teacher.kind != "model":
-        raise UserError("cache-teacher needs a teacher model (teacher.teach or teacher.path), not a cache or text")
+        raise UserError("cache-teacher needs a teacher model (teacher.teach or teacher.path) or an API teacher "
+                        "(teacher.api), not a cache or text")
     if cfg.lmbda > 0 or any((s.lmbda or 0) > 0 for s in cfg.stages):
         raise UserError("cache-teacher caches off-policy data; set lmbda: 0 (on-policy batches need a live teacher)")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} already exists and is not empty; pass --overwrite or another --out")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = full_precision_accelerator()
     teacher = build_teacher(cfg, accelerator, console)
     local = teacher.model
     assert local is not None

@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from pydantic import Field, field_validator
 from rich.console import Console
 
@@ -64,7 +63,7 @@ from distillarena.tasks.data import Example, arithmetic_examples, encode_example
 from distillarena.teachers.local import LocalTeacher
 from distillarena.train.config import ModelRef, TeacherConfig, TrainConfig
 from distillarena.train.distill import DistillLoss, DistillStream, Encoded, Stage
-from distillarena.train.loop import LoopConfig, train
+from distillarena.train.loop import LoopConfig, full_precision_accelerator, train
 from distillarena.train.teacher import model_path, resolve_model
 
 # No cached built-in teacher: the tiny preset, trained in about 20 s on two idle cores; another seed and more steps than
@@ -388,7 +387,7 @@ def train_students(cfg: ExplainConfig, teacher: torch.nn.Module, tok, start: tor
 
         watch(0)
         stages = [Stage(1, s.steps, name)]
-        acc = Accelerator(cpu=True)
+        acc = full_precision_accelerator()
         stream = DistillStream({"data": pool}, stages, batch_size=s.batch_size, grad_accum=1, seed=0,
                                pad_id=tok.pad_token_id)
         loss = DistillLoss(lt, stages, unwrap=acc.unwrap_model, seed=0)

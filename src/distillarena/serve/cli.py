@@ -206,7 +206,9 @@ def _cmd_keys_create(args: argparse.Namespace) -> None:
 
 
 def _policy_text(p: PolicyConfig) -> str:
-    if not p.logprobs:
+    if p.rewrites_text:
+        reveal = "the rewritten text only"
+    elif not p.logprobs:
         reveal = "text only"
     else:
         reveal = f"log-probs, top {p.max_top_logprobs}"

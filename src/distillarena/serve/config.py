@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 from distillarena.core.config import Strict, load_config
 from distillarena.core.errors import UserError
 from distillarena.defenses.spec import DEFENSES, DefenseKind, check_defense, defense_label
+from distillarena.tasks.config import TaskConfig
 
 GREEDY_BELOW = 1e-5  # a request temperature below this is greedy decoding (vLLM's threshold)
 Freedom = Literal["open", "flatten", "fixed"]
@@ -35,7 +36,9 @@ class PolicyConfig(Strict):
     ``defense`` and ``params`` are a defense kind and its parameters exactly as the game's ``DefenseConfig`` and
     ``distillarena.defenses.policy.build_policy`` name them (``none``, ``temperature``, ``truncation``, ``poe``,
     ``antidistillation``; ``temperature``, ``top_k``, ``top_p``, ``gamma``, ``lam``, ``method``, ``eps``,
-    ``normalize``); a parameter left out takes build_policy's default. The *policy's distribution* is what
+    ``normalize``; and the output-level kinds, which rewrite each completion after sampling: ``answer_only``,
+    ``truncate_reasoning``, ``summary``, ``paraphrase``, ``poison``, ``poison_scored``: a key with one reveals the
+    rewritten text only); a parameter left out takes build_policy's default. The *policy's distribution* is what
     ``build_policy(defense, params).sample`` samples in process; a seeded request at temperature 1 with no top_p
     samples exactly that.
 
@@ -104,6 +107,12 @@ class PolicyConfig(Strict):
     def needs_proxy(self) -> bool:
         return DEFENSES[self.defense].needs_proxy
 
+    @property
+    def rewrites_text(self) -> bool:
+        """An output-level defense: the completion's text is rewritten after sampling, so no log-probs (of the
+        teacher's, they would not be the revealed text's) and no streaming (tokens would be sent before the rewrite)."""
+        return DEFENSES[self.defense].rewrites_text
+
     def label(self) -> str:
         """The ledger's and the game's label: ``none``, ``poe(gamma=0.5)``, ..."""
         return defense_label(self.defense, self.params)
@@ -116,7 +125,8 @@ class PolicyConfig(Strict):
     def freedom(self) -> Freedom:
         """What a request may change of this policy's sampling distribution (see the class docstring)."""
         spec = DEFENSES[self.defense]
-        if spec.needs_proxy or not set(spec.parameter_names()) <= _TEMPERING:
+        # an output-level defense samples the teacher at its temperature / top-p alone; its rewrite comes after
+        if not spec.rewrites_text and (spec.needs_proxy or not set(spec.parameter_names()) <= _TEMPERING):
             return "fixed"
         p = self.canonical_params()
         tau = float(p.get("temperature", 1.0))
@@ -178,6 +188,8 @@ class ServeConfig(Strict):
     model_name: str | None = Field(None, description="the id clients pass as `model`; None: the folder's name")
     proxy: str | None = Field(None, description="proxy student for poe / antidistillation policies")
     proxy_gradient: str | None = Field(None, description="proxy gradient file for antidistillation policies")
+    task: TaskConfig = Field(default_factory=TaskConfig, description="the served model's task: what output-level "
+                             "defenses (answer_only, summary, paraphrase, poison, ...) read as reasoning and answer")
     antidistillation_method: Literal["fd", "jvp"] = Field("fd", description=(
         "method of antidistillation keys whose params do not name one (build_policy's default is fd)"))
     store: str | None = Field(None, description="SQLite file of keys and ledger; None: <cache>/serve/store.sqlite")

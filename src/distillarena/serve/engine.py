@@ -48,6 +48,13 @@ key's reveal policy: Gaussian noise of ``noise_std``, a keyed function of (serve
 (:class:`~distillarena.defenses.reveal.KeyedNoise`: the same value every time the same token is revealed in the
 same context, whichever request asks), then rounding.
 
+**Output-level defenses** (``rewrites_text`` in the defense table: answer only, truncated or summarised reasoning,
+paraphrase, poison): the batch is sampled at the policy's temperature / top-p, then each completion's text is
+rewritten by the key's defense (seeded by the request's seed) and only the rewritten text and its tokens are
+returned: such a key reveals no log-probs and takes no stream (the API refuses both, 400). The rewrite runs in the
+worker thread once the batch's last step is sampled (a summary or paraphrase runs the proxy then; other running
+batches wait for it).
+
 **Streaming.** A job with ``on_delta`` is fed token by token from the sampler's per-step callback and gets each
 sequence's tokens as soon as their text is settled (a piece that could still become a stop string is held back);
 the batch is the same as without streaming. **Scoring.** A job with ``score`` first gets its prompts' own tokens
@@ -73,6 +80,7 @@ from distillarena.core.errors import UserError
 from distillarena.decoding import cut_at_stop_strings, model_vocab_size
 from distillarena.decoding.sampler import SampleResult, SampleStep, sample_steps
 from distillarena.defenses.reveal import KeyedNoise
+from distillarena.defenses.rewrite import fit_tokens
 from distillarena.defenses.spec import defense_spec
 from distillarena.models.tokenizer import byte_level_decoder
 from distillarena.serve.backend import (
@@ -146,8 +154,9 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, model_name: str = "teacher", proxy=None, proxy_gradient: str | None = None,
                  antidistillation_method: str = "fd", max_batch_size: int = 16, max_wait_ms: float = 50.0,
-                 proxy_tokenizer=None, max_running: int = 8):
+                 proxy_tokenizer=None, max_running: int = 8, task=None):
         self.model = model.eval()
+        self.task = task  # what output-level defenses read as reasoning and answer (None: the built-in task)
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.proxy = None if proxy is None else proxy.eval()
@@ -197,7 +206,7 @@ class Engine:
         return cls(model, tok, model_name=name, proxy=proxy, proxy_gradient=cfg.proxy_gradient,
                    antidistillation_method=cfg.antidistillation_method,
                    max_batch_size=cfg.batching.max_batch_size, max_wait_ms=cfg.batching.max_wait_ms,
-                   proxy_tokenizer=proxy_tok, max_running=cfg.batching.max_running)
+                   proxy_tokenizer=proxy_tok, max_running=cfg.batching.max_running, task=cfg.task.build())
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -386,9 +395,13 @@ class Engine:
         free = self._policies.setdefault(key, [])
         if free:
             return key, free.pop()
+        if self.task is None and defense_spec(policy.defense).rewrites_text:
+            from distillarena.tasks.config import TaskConfig
+
+            self.task = TaskConfig().build()
         return key, build_policy(policy.defense, params, teacher=self.model, tokenizer=self.tokenizer,
                                  proxy=self.proxy, proxy_tokenizer=self.proxy_tokenizer or self.tokenizer,
-                                 gradient=self.proxy_gradient)
+                                 gradient=self.proxy_gradient, task=self.task)
 
     def _checkin(self, key, built) -> None:
         self._policies.setdefault(key, []).append(built)
@@ -481,8 +494,33 @@ class Engine:
                 if deltas:
                     job.on_delta(deltas)
             seqs = [r.sequence() for r in rows]
+            if job.policy.rewrites_text:
+                seqs = self._rewrite(job, rows, seqs)
             out[id(job)] = GenResult(sequences=seqs, prompt_tokens=sum(len(p) for p in job.prompts),
                                      completion_tokens=sum(len(s.token_ids) for s in seqs), batch_rows=len(prompts))
+        return out
+
+    def _rewrite(self, job: GenJob, rows: list[_Row], seqs: list[GenSequence]) -> list[GenSequence]:
+        """An output-level defense: each completion's text rewritten by the key's defense (seeded by the request's
+        seed, as the in-process collection seeds each batch), its tokens those of the rewritten text (and the EOS if
+        the teacher stopped on it); nothing else of the teacher's sequence is revealed."""
+        if job.on_delta is not None or job.logprobs is not None:
+            raise UserError(f"this key's defense ({job.policy.label()}) rewrites the text: no stream, no log-probs")
+        key, dp = self._checkout(job.policy)
+        try:
+            seed = job.seed if job.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+            prompts = [self.tokens.decode(r.prompt)[0] for r in rows]
+            rewritten = dp.rewrite(prompts, [q.text for q in seqs], seed=seed)
+        finally:
+            self._checkin(key, dp)
+        out = []
+        for r, rw in zip(rows, rewritten, strict=True):
+            eos = r.tokens[-1] if r.stopped and r.tokens and r.tokens[-1] in self.eos_ids else None
+            text, ids, stopped = fit_tokens(rw.text, self.tokenizer, job.max_tokens, eos, ended=eos is not None)
+            shown = len(ids) - (1 if stopped and eos is not None and ids and ids[-1] == eos else 0)
+            offsets = self.tokens.decode(ids[:shown])[1]
+            out.append(GenSequence(token_ids=ids, text=text, finish_reason="stop" if stopped else "length",
+                                   shown=shown, offsets=offsets))
         return out
 
     def _score(self, batch: list[GenJob]):

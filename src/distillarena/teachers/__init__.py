@@ -6,7 +6,8 @@ take, for the same (shifted) positions as the student's logits.
   ``distillarena cache-teacher``), so the teacher never sits in training memory.
 * :class:`TextTeacher`: text only (the data's completions); SFT / sequence KD, optionally with per-example weights.
 
-(The API teacher lives in ``teachers.api_client`` and is not imported here.)
+(The API teacher lives in ``teachers.api_client`` (the client) and ``teachers.api_topk`` (a served teacher's top-k
+asked once into the top-k cache format, for ``distill``); neither is imported here.)
 """
 
 from distillarena.teachers.compat import (

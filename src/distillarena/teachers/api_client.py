@@ -61,6 +61,45 @@ class CollectSummary:
 
 
 @dataclass
+class Budget:
+    """What a collection may spend, over every run into the same output (answers already there count): ``tokens``
+    (as the API bills them: ``usage.total_tokens``) and ``requests``; ``None`` is unlimited. A request starts only if
+    its estimated cost fits beside what is spent and what is in flight, so a budget is never overrun by more than
+    the estimates' error; when nothing more fits the collection stops, keeping every answer paid for."""
+
+    tokens: int | None = None
+    requests: int | None = None
+    spent_tokens: int = 0
+    spent_requests: int = 0
+    _held_tokens: int = 0
+    _held_requests: int = 0
+
+    def reserve(self, estimate: int) -> str | None:
+        """Hold ``estimate`` tokens and one request; the reason why not, if they do not fit."""
+        if self.requests is not None and self.spent_requests + self._held_requests + 1 > self.requests:
+            return f"request budget spent ({self.spent_requests} of {self.requests} requests)"
+        if self.tokens is not None and self.spent_tokens + self._held_tokens + estimate > self.tokens:
+            return (f"token budget spent ({self.spent_tokens:,} of {self.tokens:,} tokens used; the next request "
+                    f"needs about {estimate:,})")
+        self._held_tokens += estimate
+        self._held_requests += 1
+        return None
+
+    def settle(self, estimate: int, used: int | None, answered: bool) -> None:
+        self._held_tokens -= estimate
+        self._held_requests -= 1
+        if answered:
+            self.spent_requests += 1
+            self.spent_tokens += estimate if used is None else used
+
+
+def _used_tokens(record: dict[str, Any]) -> int | None:
+    usage = record.get("usage") or {}
+    total = usage.get("total_tokens")
+    return int(total) if total is not None else None
+
+
+@dataclass
 class _Outcome:
     record: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
@@ -227,17 +266,37 @@ class APITeacher:
         return out
 
     # -- a whole collection -----------------------------------------------------------------------------------------
+    def estimate_tokens(self, item: dict[str, Any]) -> int:
+        """A generous estimate of what a request bills (prompt + completion tokens), for a :class:`Budget`: token
+        ids count one each, text one per byte (no tokenizer is at hand)."""
+        prompt = item.get("prompt")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            n_prompt = len(prompt)
+        elif isinstance(prompt, list):
+            n_prompt = sum(len(p) if isinstance(p, list) else len(str(p).encode()) for p in prompt)
+        elif prompt is not None:
+            n_prompt = len(str(prompt).encode())
+        else:
+            n_prompt = sum(len(str(m.get("content", "")).encode()) + 8 for m in item.get("messages") or [])
+        return n_prompt + self.max_tokens * self.n
+
     def collect(self, prompts: Iterable[dict[str, Any] | str], out: str | Path, *,
-                progress: Callable[[int, int], None] | None = None, durable: bool = True) -> CollectSummary:
+                progress: Callable[[int, int], None] | None = None, durable: bool = True,
+                budget: Budget | None = None) -> CollectSummary:
         """Ask every prompt not already answered in ``out`` and append the answers there (see the module doc).
 
         ``prompts`` are records with an ``id`` and a ``prompt`` (text, or token ids for /completions; a list of them
         asks several prompts in one /completions request, answered prompt-major in ``choices``) or ``messages``,
         and optionally their own ``seed``; bare strings get their position as id. ``progress(done, total)`` is
-        called after each answer.
+        called after each answer. ``budget`` bounds what the collection spends (answers already in ``out`` are
+        counted as spent); when it is used up the collection stops with ``stopped`` saying so.
         """
         path = Path(out)
         done = _load_done_ids(path)
+        if budget is not None and done:
+            for rec in read_jsonl(path):
+                budget.spent_requests += 1
+                budget.spent_tokens += _used_tokens(rec) or self.estimate_tokens(rec)
         items = list(_normalise(prompts))
         total = len(items)
         todo = [it for it in items if it["id"] not in done]
@@ -248,7 +307,7 @@ class APITeacher:
         errors_path = path.with_name(path.name + ".errors.jsonl")
         stop = threading.Event()
         with _Appender(path, durable) as writer, ThreadPoolExecutor(self.concurrency) as pool:
-            pending: set[Future] = set()
+            pending: dict[Future, int] = {}  # request -> its budget estimate
             queue: Iterator[dict[str, Any]] = iter(todo)
 
             def fill() -> None:
@@ -256,14 +315,23 @@ class APITeacher:
                     nxt = next(queue, None)
                     if nxt is None:
                         return
-                    pending.add(pool.submit(self._attempt, nxt))
+                    estimate = self.estimate_tokens(nxt) if budget is not None else 0
+                    if budget is not None and (why := budget.reserve(estimate)) is not None:
+                        if summary.stopped is None:
+                            summary.stopped = why
+                        stop.set()
+                        return
+                    pending[pool.submit(self._attempt, nxt)] = estimate
 
             fill()
             while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                finished, _ = wait(set(pending), return_when=FIRST_COMPLETED)
                 for f in finished:
-                    pending.discard(f)
+                    estimate = pending.pop(f)
                     o: _Outcome = f.result()
+                    if budget is not None:
+                        budget.settle(estimate, _used_tokens(o.record) if o.record else None,
+                                      answered=o.record is not None)
                     summary.retries += o.retries
                     if o.record is not None:
                         writer.write(o.record)
@@ -370,4 +438,4 @@ def read_traces(path: str | Path) -> list[dict[str, Any]]:
     return read_jsonl(Path(path))
 
 
-__all__ = ["APITeacher", "CollectSummary", "CollectionStopped", "read_traces"]
+__all__ = ["APITeacher", "Budget", "CollectSummary", "CollectionStopped", "read_traces"]

@@ -221,8 +221,8 @@ class CacheStats:
     positions: int
     signal_bytes_per_token: float
     file_bytes_per_token: float
-    kl_mean: float
-    kl_max: float
+    kl_mean: float | None  # None: not measured (a served teacher reveals only its top k)
+    kl_max: float | None
     tail_mass_mean: float
 
     def as_dict(self) -> dict[str, float]:
@@ -284,41 +284,91 @@ def build_topk_cache(out: Path, teacher, encoded: list[tuple[list[int], list[int
                     n_pos += int(kl.numel())
                 if task is not None:
                     progress.advance(task, len(batch["input_ids"]))
-            seq_lens = [len(ids) for ids, _ in part]
-            shard = {
-                "input_ids": np.concatenate([np.asarray(ids, dtype=np.int32) for ids, _ in part]),
-                "labels": np.concatenate([np.asarray(lab, dtype=np.int32) for _, lab in part]),
-                "seq_offsets": np.concatenate([[0], np.cumsum(seq_lens)]).astype(np.int64),
-                "pos_offsets": np.concatenate([[0], np.cumsum(pos_counts)]).astype(np.int64),
-                "weights": np.asarray(weights[s0:s0 + examples_per_shard], dtype=np.float32),
-                "id_codes": np.concatenate(arrays["id_codes"]),
-                "lp_codes": np.concatenate(arrays["lp_codes"]),
-                "tail": np.concatenate(arrays["tail"]),
-            }
-            name = f"shard-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / name))
-            shards.append({"file": name, "sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size,
-                           "examples": [s0, s0 + len(part)], "positions": int(sum(pos_counts))})
-        tok.save_pretrained(tmp / "tokenizer")
-        total_bytes = sum(s["bytes"] for s in shards)
+            _save_shard(tmp, shards, codec, part, s0, pos_counts, weights[s0:s0 + examples_per_shard], arrays)
         stats = CacheStats(
             positions=n_pos,
             signal_bytes_per_token=float(codec.bytes_per_position),
-            file_bytes_per_token=total_bytes / max(n_pos, 1),
+            file_bytes_per_token=sum(s["bytes"] for s in shards) / max(n_pos, 1),
             kl_mean=kl_sum / max(n_pos, 1), kl_max=kl_max, tail_mass_mean=tail_sum / max(n_pos, 1))
-        manifest = {
-            "format": FORMAT, "version": VERSION,
-            "codec": {"vocab_size": vocab, "k": codec.k, "bits": bits, "logprob_encoding": "cube-root",
-                      "id_encoding": codec.id_encoding, "id_bytes": codec.id_bytes},
-            "teacher": teacher_id,
-            "tokenizer": tokenizer_profile(tok),
-            "data": {"fingerprint": data_fingerprint(encoded, weights), "n_examples": len(encoded)},
-            "meta": meta or {},
-            "shards": shards,
-            "stats": stats.as_dict(),
-        }
-        manifest["checksum"] = _manifest_checksum(manifest)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _write_manifest(tmp, codec, tok, teacher_id, encoded, weights, meta, shards, stats)
+    return stats
+
+
+def _save_shard(tmp: Path, shards: list[dict[str, Any]], codec: TopKCodec, part: list[tuple[list[int], list[int]]],
+                s0: int, pos_counts: list[int], weights: list[float], arrays: dict[str, list[np.ndarray]]) -> None:
+    """Write examples ``s0 ..`` (``part``) and their encoded top-k rows as the next shard; list it in ``shards``."""
+    empty = {"id_codes": np.zeros((0, codec.id_bytes), np.uint8),
+             "lp_codes": np.zeros((0, codec.k * codec.bits // 8), np.uint8), "tail": np.zeros((0,), np.float16)}
+    seq_lens = [len(ids) for ids, _ in part]
+    shard = {
+        "input_ids": np.concatenate([np.asarray(ids, dtype=np.int32) for ids, _ in part]),
+        "labels": np.concatenate([np.asarray(lab, dtype=np.int32) for _, lab in part]),
+        "seq_offsets": np.concatenate([[0], np.cumsum(seq_lens)]).astype(np.int64),
+        "pos_offsets": np.concatenate([[0], np.cumsum(pos_counts)]).astype(np.int64),
+        "weights": np.asarray(weights, dtype=np.float32),
+        **{n: np.concatenate(a) if a else empty[n] for n, a in arrays.items()},
+    }
+    name = f"shard-{len(shards):05d}.safetensors"
+    save_file(shard, str(tmp / name))
+    shards.append({"file": name, "sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size,
+                   "examples": [s0, s0 + len(part)], "positions": int(sum(pos_counts))})
+
+
+def _write_manifest(tmp: Path, codec: TopKCodec, tokenizer, teacher_id: str,
+                    encoded: list[tuple[list[int], list[int]]], weights: list[float], meta: dict[str, Any] | None,
+                    shards: list[dict[str, Any]], stats: CacheStats) -> None:
+    """The cache's tokenizer and manifest (checksummed), the last files written into the folder."""
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    manifest = {
+        "format": FORMAT, "version": VERSION,
+        "codec": {"vocab_size": codec.vocab_size, "k": codec.k, "bits": codec.bits, "logprob_encoding": "cube-root",
+                  "id_encoding": codec.id_encoding, "id_bytes": codec.id_bytes},
+        "teacher": teacher_id,
+        "tokenizer": tokenizer_profile(tokenizer),
+        "data": {"fingerprint": data_fingerprint(encoded, weights), "n_examples": len(encoded)},
+        "meta": meta or {},
+        "shards": shards,
+        "stats": stats.as_dict(),
+    }
+    manifest["checksum"] = _manifest_checksum(manifest)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def write_topk_cache(out: Path, *, tokenizer, vocab_size: int, k: int, bits: int,
+                     encoded: list[tuple[list[int], list[int]]], weights: list[float],
+                     rows: list[tuple[Tensor, Tensor, Tensor]], teacher_id: str, meta: dict[str, Any] | None = None,
+                     examples_per_shard: int = 4096) -> CacheStats:
+    """Write a cache folder from top-k rows already known (a served teacher's revealed log-probs): ``rows[i]`` is
+    ``(ids [P, k], log-probs [P, k], tail log-prob [P])`` over example ``i``'s target positions, in order. The same
+    format as :func:`build_topk_cache`; the quality statistics that need the full distribution are ``None``."""
+    if not encoded:
+        raise UserError("cannot build a top-k cache over an empty dataset")
+    codec = TopKCodec(vocab_size, k, bits)
+    shards: list[dict[str, Any]] = []
+    n_pos, tail_sum = 0, 0.0
+    with atomic_dir(Path(out)) as tmp:
+        for s0 in range(0, len(encoded), examples_per_shard):
+            part = encoded[s0:s0 + examples_per_shard]
+            arrays: dict[str, list[np.ndarray]] = {"id_codes": [], "lp_codes": [], "tail": []}
+            pos_counts = []
+            for i, (_ids, labels) in enumerate(part):
+                top_ids, top_lps, tail = rows[s0 + i]
+                want = sum(1 for lab in labels[1:] if lab != IGNORE_INDEX)
+                if top_ids.shape != (want, k):
+                    raise UserError(f"top-k rows of example {s0 + i}: shape {tuple(top_ids.shape)}, expected "
+                                    f"({want}, {k})")
+                pos_counts.append(want)
+                if want:
+                    enc = codec.encode(top_ids, top_lps, tail)
+                    for name in arrays:
+                        arrays[name].append(enc[name])
+                    tail_sum += float(tail.float().exp().sum())
+                n_pos += want
+            _save_shard(tmp, shards, codec, part, s0, pos_counts, weights[s0:s0 + examples_per_shard], arrays)
+        stats = CacheStats(positions=n_pos, signal_bytes_per_token=float(codec.bytes_per_position),
+                           file_bytes_per_token=sum(s["bytes"] for s in shards) / max(n_pos, 1), kl_mean=None,
+                           kl_max=None, tail_mass_mean=tail_sum / max(n_pos, 1))
+        _write_manifest(tmp, codec, tokenizer, teacher_id, encoded, weights, meta, shards, stats)
     return stats
 
 

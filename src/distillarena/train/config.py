@@ -76,10 +76,37 @@ ObjectiveParam = float | int | bool
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
+class APITeacherConfig(Strict):
+    """A teacher behind an OpenAI-compatible ``/v1/completions`` endpoint (vLLM, ``distillarena serve``, a
+    provider). Its top-k log-probs are asked once per example and written into a top-k cache (resumable: a paid
+    answer is never asked twice); training then reads the cache. ``mode``: ``prompt_logprobs`` (vLLM's, score the
+    data), ``echo`` (``echo`` + ``logprobs``, score the data), or with ``seq_kd: true`` the teacher's own answers
+    and the top-k it reveals for each of their tokens."""
+
+    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
+    model: str = Field(description="the served model's id")
+    key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the API key "
+                                "(None: send no key)")
+    top_logprobs: int = Field(20, ge=1, le=20, description="alternatives per position: the k of the cache")
+    mode: Literal["prompt_logprobs", "echo"] = "prompt_logprobs"
+    tokenizer: str | None = Field(None, description="the teacher's tokenizer (folder or hub id; default: model)")
+    vocab_size: int | None = Field(None, ge=1, description="the teacher's vocabulary (default: the tokenizer's)")
+    concurrency: int = Field(8, ge=1)
+    max_retries: int = Field(8, ge=0)
+    timeout: float = Field(120.0, gt=0)
+    budget_tokens: int | None = Field(None, ge=0, description="tokens the teacher may bill for this cache, "
+                                      "over every run (None: unlimited)")
+    budget_requests: int | None = Field(None, ge=0, description="requests likewise")
+    cache: str | None = Field(None, description="where the top-k cache is written (default: under the cache "
+                              "dir, keyed by teacher and data)")
+    bits: Literal[8, 16] = 8
+
+
 class TeacherSource(Strict):
     """Where the teacher's signal comes from. One of ``teach`` (the built-in teacher, trained once and cached;
-    the default), ``path`` (any ``save_pretrained`` folder or cached hub id) or ``text: true`` (the data's
-    completions are the teacher's text: SFT / sequence KD only). ``cache`` (a top-k cache written by
+    the default), ``path`` (any ``save_pretrained`` folder or hub id), ``api`` (a served teacher's top-k log-probs,
+    asked once into a top-k cache: :class:`APITeacherConfig`) or ``text: true`` (the data's completions are the
+    teacher's text: SFT / sequence KD only). ``cache`` (a top-k cache written by
     ``distillarena cache-teacher``) replaces the live teacher in training; given together with ``path`` or
     ``teach``, that model is used only to check the cache's identity and for the held-out KL."""
 
@@ -87,22 +114,33 @@ class TeacherSource(Strict):
     path: str | None = None
     cache: str | None = None
     text: bool = False
+    api: APITeacherConfig | None = None
     dtype: Dtype = Field("float32", description="the live teacher's dtype")
     device: str | None = Field(None, description="the live teacher's device (default: the student's)")
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherSource:
-        given = [n for n, v in (("teach", self.teach), ("path", self.path), ("text", self.text or None)) if v]
+        given = [n for n, v in (("teach", self.teach), ("path", self.path), ("text", self.text or None),
+                                ("api", self.api)) if v]
         if len(given) > 1:
-            raise ValueError(f"give only one of teach, path, text (got {', '.join(given)})")
+            raise ValueError(f"give only one of teach, path, text, api (got {', '.join(given)})")
+        if self.api is not None and self.cache:
+            raise ValueError("an API teacher writes its own top-k cache: set api.cache, not cache")
         if self.text and self.cache:
             raise ValueError("a text-only teacher has no top-k cache; remove cache or text")
         return self
 
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        out = handler(self)  # api is left out while unset: older configs dump (and resume) as before
+        if isinstance(out, dict) and out.get("api", 0) is None:
+            out.pop("api")
+        return out
+
     @property
     def kind(self) -> str:
-        """'text', 'topk' (a cache) or 'model' (a live model)."""
-        return "text" if self.text else "topk" if self.cache else "model"
+        """'text', 'topk' (a cache, or an API teacher's) or 'model' (a live model)."""
+        return "text" if self.text else "topk" if self.cache or self.api else "model"
 
     def model_ref(self) -> ModelRef | None:
         """The live teacher as a model reference (``path``, or the built-in teacher), if there is one."""
@@ -115,7 +153,7 @@ class TeacherSource(Strict):
         """The built-in teacher to train or reuse, if no other model is named."""
         if self.teach is not None:
             return self.teach
-        if self.path is None and not self.text and self.cache is None:
+        if self.path is None and not self.text and self.cache is None and self.api is None:
             return TeacherConfig()
         return None
 
@@ -141,6 +179,12 @@ class StudentConfig(Strict):
     tokenizer: str | None = Field(None, description="tokenizer of a preset student (default: the teacher's)")
     seed: int = 0
     lora: LoraSettings | None = None
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="training precision: bfloat16 keeps float32 master weights and optimizer state "
+        "and runs the forward, the loss and on-policy sampling under bfloat16 autocast")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in the backward pass (less memory, "
+        "about a third more compute)")
 
     @model_validator(mode="after")
     def _one_init(self) -> StudentConfig:
@@ -155,6 +199,16 @@ class StudentConfig(Strict):
     @property
     def init(self) -> str:
         return "path" if self.path else "from_teacher" if self.from_teacher else "preset"
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # precision fields at their defaults are left out of a dump, so older run folders resume unchanged
+        out = handler(self)
+        if isinstance(out, dict):
+            for name in ("dtype", "gradient_checkpointing"):
+                if name in out and out[name] == type(self).model_fields[name].default:
+                    out.pop(name)
+        return out
 
 
 class DataConfig(Strict):
@@ -209,6 +263,17 @@ class CrossTokenizerConfig(Strict):
     pairing: Literal["offsets", "position"] = "offsets"
 
 
+class PushToHubConfig(Strict):
+    """Upload the trained student (``student/``: a plain ``save_pretrained`` folder with its tokenizer) to a model
+    repository at the end of the run. Needs the network: refused before training while ``HF_HUB_OFFLINE`` is set."""
+
+    repo_id: str = Field(description="e.g. your-name/smollm2-8l-distilled")
+    private: bool = False
+    token_env: str | None = Field("HF_TOKEN", description="environment variable holding a write token (None, "
+                                  "or the variable unset: the token of `hf auth login`)")
+    commit_message: str = "Upload a student distilled with distillarena"
+
+
 class DistillTrainConfig(TrainConfig):
     """The loop's settings for distillation. The *global* batch is ``batch_size x grad_accum`` sequences, whatever
     the number of processes: under N processes each runs ``grad_accum / N`` micro-batches per step."""
@@ -248,6 +313,7 @@ class DistillConfig(Strict):
     eval: DistillEvalConfig = Field(default_factory=DistillEvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    push_to_hub: PushToHubConfig | None = None
 
     @model_validator(mode="after")
     def _steps_agree(self) -> DistillConfig:
@@ -267,7 +333,8 @@ class DistillConfig(Strict):
         # cross_tokenizer is left out of a dump while unset, so configs without it dump (and resume, and key
         # their caches) exactly as before the field existed
         out = handler(self)
-        if isinstance(out, dict) and out.get("cross_tokenizer", 0) is None:
-            out.pop("cross_tokenizer")
+        for name in ("cross_tokenizer", "push_to_hub"):
+            if isinstance(out, dict) and out.get(name, 0) is None:
+                out.pop(name)
         return out
 

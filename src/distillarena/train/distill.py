@@ -14,6 +14,8 @@ where ``A`` is the global number of micro-batches per step.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import math
 import random
@@ -177,11 +179,25 @@ def sample_completions(model: torch.nn.Module, prompts: list[list[int]], *, max_
     try:
         device = next(model.parameters()).device
         ids, mask = left_pad(prompts, pad_id)
-        out = sample(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
-                     temperature=temperature, eos_token_id=eos_id, pad_token_id=pad_id, generator=generator)
+        gen_model, autocast_off = _low_precision_copy(model, device)
+        with autocast_off:
+            out = sample(gen_model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                         temperature=temperature, eos_token_id=eos_id, pad_token_id=pad_id, generator=generator)
     finally:
         model.train(was_training)
     return [row[:n] for row, n in zip(out.tokens.tolist(), out.lengths.tolist(), strict=True)]
+
+
+def _low_precision_copy(model: torch.nn.Module, device: torch.device):
+    """Under autocast (``student.dtype: bfloat16``), a copy of a float32 model in the autocast dtype to sample from,
+    and a context that turns autocast off: the KV-cached decoder runs on detached fused weights, which autocast
+    would cast again at every matrix multiply of every token (slower than float32 sampling; one cast per call
+    instead: docs/decisions.md, issue 16 parts 4-5). Otherwise the model itself."""
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    params = list(model.parameters())
+    if dtype is None or not all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in params):
+        return model, contextlib.nullcontext()
+    return copy.deepcopy(model).to(dtype), torch.autocast(device.type, enabled=False)
 
 
 class OnPolicy:

@@ -86,6 +86,19 @@ class StepLog:
     elapsed_s: float
 
 
+def full_precision_accelerator(**kwargs: Any) -> Accelerator:
+    """An ``Accelerator`` that runs the model as given (mixed precision is the student's ``dtype``, applied by
+    ``train.student.precision``). accelerate keeps one process-wide state and a later ``Accelerator()`` inherits
+    it: after a trainer that asked for bf16 in the same process (TRL's and HF's ``TrainingArguments`` default to
+    bf16 on CPUs that support it), every model prepared afterwards would silently run under bf16 autocast. So a
+    mixed-precision state left behind is cleared first (the process group, ``PartialState``, is kept)."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state.get("_mixed_precision", "no") != "no":
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", **kwargs)
+
+
 def train(
     model: torch.nn.Module,
     micro_batches: Iterator[dict[str, Any]],
@@ -108,14 +121,19 @@ def train(
     checkpoint is written every ``config.checkpoint_every`` steps and at the last step (by the main process);
     ``resume=True`` restores the latest one found there (none: start from step 0).
     """
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator or full_precision_accelerator()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if config.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+        # fused: one kernel per step instead of a dozen per tensor, much cheaper on CPU than the default
+        # single-tensor loop (TRL's Trainer uses it too)
+        params = [p for g in groups for p in g["params"]]
+        fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                                     and type(p) is torch.nn.Parameter for p in params)
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=fused or None)
     elif config.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=config.lr)
     else:

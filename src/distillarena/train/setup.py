@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from rich.console import Console
 
 from distillarena.core.errors import UserError
 from distillarena.core.io import atomic_dir, atomic_write_json, cache_dir
+from distillarena.core.progress import progress as progress_bar
 from distillarena.models.fingerprint import model_fingerprint
 from distillarena.models.presets import build_preset, load_model, load_tokenizer
 from distillarena.models.tokenizer import task_tokenizer
@@ -40,7 +42,7 @@ from distillarena.train.distill import (
     heldout_nll,
     sample_completions,
 )
-from distillarena.train.student import add_lora, copy_with_layers_dropped
+from distillarena.train.student import add_lora, copy_with_layers_dropped, enable_gradient_checkpointing
 from distillarena.train.teacher import model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -120,7 +122,11 @@ def check_regimes(cfg: DistillConfig, stages: list[Stage]) -> None:
             if st.lmbda > 0:
                 raise UserError(f"{where}: on-policy batches (lmbda > 0) need a live teacher to score the "
                                 "student's samples; a top-k cache only covers its own dataset")
-            if st.seq_kd:
+            if cfg.teacher.api is not None:
+                if st.seq_kd != cfg.seq_kd:
+                    raise UserError(f"{where}: with an API teacher seq_kd is set once for the whole run (the "
+                                    "teacher's answers are asked once, into its top-k cache)")
+            elif st.seq_kd:
                 raise UserError(f"{where}: with a top-k cache the data is the cache's own; build the cache with "
                                 "seq_kd: true in the cache-teacher config, and train with seq_kd: false")
             if cfg.loss_temperature != 1.0:
@@ -134,6 +140,19 @@ def check_regimes(cfg: DistillConfig, stages: list[Stage]) -> None:
 
 
 @dataclass
+class Given:
+    """Objects the Python API (``distillarena.distill``) hands over instead of the config's paths: models trained
+    or read in memory (the config records their ``name_or_path``), and examples instead of ``data.source``."""
+
+    student: torch.nn.Module | None = None
+    student_tokenizer: Any = None
+    teacher: torch.nn.Module | None = None
+    teacher_tokenizer: Any = None
+    train_examples: list[Example] | None = None
+    eval_examples: list[Example] | None = None
+
+
+@dataclass
 class TeacherSetup:
     access: Any  # LocalTeacher | TopKCache | TextTeacher: what training reads
     model: LocalTeacher | None  # a live model, if any (seq_kd generation, held-out KL, layer copy)
@@ -142,9 +161,72 @@ class TeacherSetup:
     description: str = ""
 
 
-def build_teacher(cfg: DistillConfig, accelerator: Accelerator, console: Console) -> TeacherSetup:
+def api_teacher_cache(cfg: DistillConfig, accelerator: Accelerator, console: Console,
+                      out: Path | None = None, given: Given | None = None) -> Path:
+    """The API teacher's top-k cache over the config's data (its own answers with ``seq_kd``): built once, asked
+    only for what is not answered yet (``<cache>.responses.jsonl``), reused as is when complete."""
+    from distillarena.teachers.api_client import Budget
+    from distillarena.teachers.api_topk import TopKClient, build_api_topk_cache
+
+    api = cfg.teacher.api
+    assert api is not None
+    tok = load_tokenizer(api.tokenizer or api.model)
+    vocab = api.vocab_size or len(tok)
+    data = build_data(cfg, tok, cfg.data.max_length or 1 << 30, given=given)
+    pool = [(e.ids, e.labels) for e in data.train]
+    weights = [e.weight for e in data.train]
+    mode = "generate" if cfg.seq_kd else api.mode
+    if out is None and api.cache:
+        out = Path(api.cache).expanduser()
+    if out is None:
+        h = hashlib.sha256(json.dumps([api.base_url, api.model, api.top_logprobs, api.bits, mode, vocab,
+                                       cfg.max_new_tokens, cfg.temperature, cfg.train.seed]).encode())
+        for ids, labels in pool:
+            h.update(json.dumps([ids, labels]).encode())
+        out = cache_dir() / "api-teacher" / h.hexdigest()[:16]
+    if (out / "manifest.json").is_file():
+        return out
+    key = None
+    if api.key_env is not None:
+        key = os.environ.get(api.key_env)
+        if not key:
+            raise UserError(f"teacher.api.key_env: the environment variable {api.key_env} holding the API key is "
+                            "not set (set teacher.api.key_env: null for a server without keys)")
+    with accelerator.main_process_first():
+        if accelerator.is_main_process and not (out / "manifest.json").is_file():
+            client = TopKClient(base_url=api.base_url, api_key=key or "EMPTY", model=api.model,
+                                top_logprobs=api.top_logprobs, mode=mode, tokenizer=tok,
+                                max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.train.seed,
+                                concurrency=api.concurrency, max_retries=api.max_retries, timeout=api.timeout)
+            budget = (Budget(tokens=api.budget_tokens, requests=api.budget_requests)
+                      if api.budget_tokens is not None or api.budget_requests is not None else None)
+            with progress_bar(console) as progress:
+                build_api_topk_cache(out, client, pool, weights=weights, vocab_size=vocab, bits=api.bits,
+                                     teacher_id=f"api:{api.base_url}#{api.model}", budget=budget,
+                                     meta={"data_config": cfg.data.model_dump(mode="json"), "seq_kd": cfg.seq_kd,
+                                           "teacher": f"API {api.model} at {api.base_url}",
+                                           "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                                           "seed": cfg.train.seed},
+                                     progress=progress)
+    return out
+
+
+def build_teacher(cfg: DistillConfig, accelerator: Accelerator, console: Console,
+                  given: Given | None = None) -> TeacherSetup:
     src = cfg.teacher
     local = path = None
+    if given is not None and given.teacher is not None:
+        model = given.teacher.to(DTYPES[src.dtype])
+        local = LocalTeacher(model, given.teacher_tokenizer, device=src.device or accelerator.device,
+                             name=src.path or type(model).__name__)
+        return TeacherSetup(local, local, local.tokenizer,
+                            description=f"model object {src.path or type(model).__name__} ({src.dtype})")
+    if src.api is not None:
+        folder = api_teacher_cache(cfg, accelerator, console, given=given)
+        cache = TopKCache(folder)
+        what = "answers" if cfg.seq_kd else "scores of the data"
+        return TeacherSetup(cache, None, cache.tokenizer, cache,
+                            description=f"API teacher {src.api.model} ({what}, top-{cache.k}, cached in {folder})")
     ref = src.model_ref()
     if ref is not None:
         with accelerator.main_process_first():
@@ -170,9 +252,17 @@ def build_teacher(cfg: DistillConfig, accelerator: Accelerator, console: Console
     return TeacherSetup(local, local, local.tokenizer, description=f"model {path} ({src.dtype})")
 
 
-def build_student(cfg: DistillConfig, teacher: TeacherSetup) -> tuple[torch.nn.Module, Any]:
+def build_student(cfg: DistillConfig, teacher: TeacherSetup, given: Given | None = None
+                  ) -> tuple[torch.nn.Module, Any]:
     sc = cfg.student
-    if sc.init == "path":
+    if given is not None and given.student is not None:
+        model, tok = given.student, given.student_tokenizer or teacher.tokenizer
+        if tok is None:
+            raise UserError("the student model object needs its tokenizer (processing_class=...)")
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.train()
+    elif sc.init == "path":
         model, tok = load_model(sc.path), load_tokenizer(sc.path)
     elif sc.init == "from_teacher":
         if teacher.model is None:
@@ -192,6 +282,8 @@ def build_student(cfg: DistillConfig, teacher: TeacherSetup) -> tuple[torch.nn.M
         if vs != vt and not cfg.align_vocab:
             raise UserError(f"the student's output layer has {vs} rows and the teacher's {vt}: with the same "
                             "tokenizer this is a padded vocabulary; set align_vocab: true to use the shared rows")
+    if sc.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if sc.lora is not None:
         model = add_lora(model, sc.lora.r, sc.lora.alpha, sc.lora.dropout, sc.lora.target_modules)
     return model, tok
@@ -230,13 +322,23 @@ def _encode_all(tok, exs: list[Example], max_length: int, what: str, teacher_tok
     return out
 
 
-def build_data(cfg: DistillConfig, tok, max_length: int, data_cfg=None, teacher_tok=None) -> DataSetup:
+def build_data(cfg: DistillConfig, tok, max_length: int, data_cfg=None, teacher_tok=None,
+               given: Given | None = None) -> DataSetup:
     """The training and held-out data in the student's tokenization; with ``teacher_tok`` (a teacher with another
-    tokenizer) every example also carries its teacher twin."""
+    tokenizer) every example also carries its teacher twin. ``given`` examples replace ``data.source``."""
     d = data_cfg or cfg.data
     seed = cfg.train.seed
     problems = None
-    if d.source == "builtin":
+    if given is not None and given.train_examples is not None:
+        exs = list(given.train_examples)
+        if given.eval_examples is not None:
+            held = list(given.eval_examples)[: cfg.eval.n_examples]
+        else:
+            n_held = min(cfg.eval.n_examples, len(exs) // 10)
+            held, exs = (exs[len(exs) - n_held:], exs[:len(exs) - n_held]) if n_held else ([], exs)
+        train_exs = exs[: d.train_size]
+        desc = f"a dataset object: {len(train_exs)} training examples"
+    elif d.source == "builtin":
         acfg = d.task.arithmetic()
         train_exs = arithmetic_examples("train", d.train_size, d.task.n_ops, seed=seed, config=acfg)
         held = (arithmetic_examples("holdout", cfg.eval.n_examples, cfg.eval.difficulties, seed=seed, config=acfg)
@@ -398,7 +500,8 @@ def _teacher_text(pair: TokenizerPair, teacher: LocalTeacher, pool: list[Encoded
 
 
 def training_data(cfg: DistillConfig, teacher: TeacherSetup, student: torch.nn.Module, tok, stages: list[Stage],
-                  accelerator: Accelerator, console: Console) -> tuple[DataSetup, dict[str, list], dict | None]:
+                  accelerator: Accelerator, console: Console, given: Given | None = None
+                  ) -> tuple[DataSetup, dict[str, list], dict | None]:
     """The run's data and its pools (``data``, and ``seq_kd``: the teacher's generations, cached): a top-k cache
     brings its own examples (and the data config it was built over). With ``cross_tokenizer`` every example also
     carries its twin in the teacher's tokenization, and the held-out text is the teacher's own (when it has a
@@ -426,11 +529,11 @@ def training_data(cfg: DistillConfig, teacher: TeacherSetup, student: torch.nn.M
         if too_long > max_len:
             raise UserError(f"the cache holds a sequence of {too_long} tokens, longer than the student's context "
                             f"of {max_len}")
-        data = build_data(cfg, tok, max_len, data_cfg, teacher_tok)
+        data = build_data(cfg, tok, max_len, data_cfg, teacher_tok, given=given)
         data.train = train_pool
         data.description = f"the top-k cache's {len(train_pool)} examples"
     else:
-        data = build_data(cfg, tok, max_len, teacher_tok=teacher_tok)
+        data = build_data(cfg, tok, max_len, teacher_tok=teacher_tok, given=given)
     check_generation_fits(data, stages, cfg.max_new_tokens)
     pools = {"data": data.train}
     seq_kd_info = None

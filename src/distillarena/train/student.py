@@ -3,6 +3,7 @@ optionally wrapped with LoRA adapters (peft)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -64,3 +65,43 @@ def plain_model(model: torch.nn.Module) -> torch.nn.Module:
     if hasattr(model, "merge_and_unload"):
         return copy.deepcopy(model).merge_and_unload()
     return model
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute every decoder layer's activations during backward (transformers' own mechanism; non-reentrant,
+    so frozen embeddings under LoRA need no ``enable_input_require_grads``)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(f"student.gradient_checkpointing: a {type(model).__name__} does not support gradient "
+                        "checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x names it so (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # a cache is useless while training and conflicts with recomputation
+
+
+def precision(dtype: str, device: torch.device | str):
+    """The context training runs under for a student ``dtype``: bfloat16 autocast (float32 master weights, float32
+    optimizer state; matmuls in bfloat16, reductions such as log-softmax in float32) or nothing for float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    if dtype != "bfloat16":
+        raise UserError(f"student.dtype must be float32 or bfloat16, got {dtype!r}")
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+class UnderPrecision:
+    """``fn(*args)`` called under :func:`precision`; other attributes pass through to ``fn`` (e.g. a loss's
+    ``pop_metrics``)."""
+
+    def __init__(self, fn, dtype: str, device: torch.device | str):
+        self.fn, self.dtype, self.device = fn, dtype, device
+
+    def __call__(self, *args, **kwargs):
+        with precision(self.dtype, self.device):
+            return self.fn(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.fn, name)

@@ -47,6 +47,9 @@ def plan_request(state: AppState, body, key: KeyRecord, chat: bool, ctx: Request
     logprobs = _logprobs(body, chat, policy)
     echo = bool(getattr(body, "echo", None)) and not chat
     score = _score(body, policy, echo, logprobs)
+    if body.stream and policy.rewrites_text:
+        raise ApiError(400, f"This API key's defense ({policy.label()}) rewrites each whole completion after "
+                       "sampling: stream is not supported with it.", param="stream", code="unsupported_parameter")
     if body.stream and (echo or body.prompt_logprobs is not None):
         param = "echo" if echo else "prompt_logprobs"
         raise ApiError(400, f"{param} is not supported with stream: true.", param=param, code="unsupported_parameter")
@@ -95,6 +98,9 @@ def _check_basics(state: AppState, body, ctx: RequestContext) -> tuple[int, list
 
 
 def _allowed(policy: PolicyConfig, k: int, param: str) -> None:
+    if policy.rewrites_text:
+        raise ApiError(400, f"This API key's defense ({policy.label()}) rewrites the teacher's text: it reveals no "
+                       "log-probs.", param=param, code="logprobs_not_allowed")
     if not policy.logprobs:
         raise ApiError(400, "This API key is not allowed log-probs.", param=param, code="logprobs_not_allowed")
     if k > policy.max_top_logprobs:
