@@ -60,7 +60,12 @@ def frontier_figure(summary: list[dict[str, Any]], attackers: list[str], utility
                    else f"teacher utility: {UTILITIES.get(utility, utility)}"),
            title="the distillation game's frontier (R with its 95% interval)")
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
+    handles = ax.get_legend_handles_labels()[0]
+    if len(handles) > 6:  # many curves: the legend beside the axes, not over the points
+        fig.set_size_inches(7.5 + 3.2, 5)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        fig.tight_layout()
+    elif handles:
         ax.legend(fontsize=7, loc="best")
     else:
         ax.text(0.5, 0.5, "no finite recovery yet: the undefended references gain nothing over the base student",
@@ -91,10 +96,12 @@ def utility_section(r: Report, summary_rows: list[dict[str, Any]], summary: dict
            "every step valid, the last step's result the stated answer); the KL to the undefended teacher per token "
            "where it is defined (not for output-level defenses, which rewrite the text). Each utility is its mean "
            "[95% bootstrap interval over seeds and prompts], then its paired difference to the undefended teacher on "
-           "the same prompts and seeds; R and the gain are the student's, as in the summary.", note=True)
+           "the same prompts and seeds; R and the gain are the first attacker's student's, as in the summary (every "
+           "attacker's R: the table of who wins).", note=True)
+    shown = attackers[:1]  # one attacker's columns: with several the table outgrows the page
     head = ["defense", "final-answer acc", "Δ acc", "step validity", "Δ validity", "checkable", "Δ checkable",
             "KL to undefended"]
-    for a in attackers:
+    for a in shown:
         head += [f"R ({a})", f"gain ({a})"]
     body = []
     for u in rows:
@@ -102,7 +109,7 @@ def utility_section(r: Report, summary_rows: list[dict[str, Any]], summary: dict
         for k in UTILITIES:
             line += [format_interval(u.get(k)), format_interval(u.get(f"{k}_vs_undefended"), signed=True)]
         line.append(f"{u['teacher_kl']:.4f}" if finite(u.get("teacher_kl")) else "undefined")
-        for a in attackers:
+        for a in shown:
             at = (u.get("attackers") or {}).get(a) or {}
             line += [_recovery_cell({"recovery_ci": at.get("recovery_ci"), "recovery": None}),
                      _interval(at.get("gain"))]
@@ -232,7 +239,8 @@ def add_game_sections(r: Report, cfg: GameConfig, out: Path, rows: list[dict[str
                        if s.get("recovery_unstable")})
     r.figure(frontier_figure(summary_rows, attackers),
              "One colour per defense (its strengths along the curve, the undefended teacher at R = 1); passive "
-             "students dashed, adaptive solid. R is the ratio of the mean accuracy gains over the base student "
+             "students dashed, every other attacker solid (one marker per attacker). R is the ratio of the mean "
+             "accuracy gains over the base student "
              "(defended over the same attacker's undefended gain, one shared denominator over the seeds); horizontal "
              "bars: its paired bootstrap 95% interval over test problems and seeds; vertical bars: std of the "
              "teacher's accuracy over seeds."
@@ -250,7 +258,7 @@ def add_game_sections(r: Report, cfg: GameConfig, out: Path, rows: list[dict[str
     utility_section(r, summary_rows, summary, attackers)
     add_detectability_section(r, cfg, summary, summary_rows)
     if summary["gaps"]:
-        r.heading("Passive / adaptive gap")
+        r.heading("Each attacker against the passive student")
         r.table(["defense", "attacker", "accuracy gap (attacker - passive) [95% CI]", "R(attacker) - R(passive)"],
                 [[g["defense_label"], g["attacker"], _interval(g.get("accuracy_gap_ci")) if g.get("accuracy_gap_ci")
                   else g["accuracy_gap"], g["recovery_gap"]] for g in summary["gaps"]])

@@ -30,7 +30,8 @@ def worst_case_figure(summary_rows: list[dict[str, Any]], worst: list[dict[str, 
     fig, axes = plt.subplots(1, max(len(kinds), 1), figsize=(5.2 * max(len(kinds), 1), 4.2), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=False):
         for ai, att in enumerate(attackers):
-            pts = sorted((r for r in summary_rows if r["defense"] == kind and r["attacker"] == att
+            pts = sorted((r for r in summary_rows if r["defense"] in (kind, "none") and r["attacker"] == att
+                          and (r["defense"] == kind or not r.get("params"))  # the curve starts undefended, R = 1
                           and finite(r.get("recovery")) and not r.get("recovery_unstable")
                           and finite(r.get("teacher_accuracy"))), key=lambda r: -r["teacher_accuracy"])
             if not pts:
@@ -40,13 +41,16 @@ def worst_case_figure(summary_rows: list[dict[str, Any]], worst: list[dict[str, 
                     color=PALETTE[ai % len(PALETTE)], linestyle="--" if passive else "-", alpha=0.8, label=att)
         ws = sorted((w for w in worst if w["defense"] == kind and finite(w.get("recovery"))
                      and finite(w.get("teacher_accuracy"))), key=lambda w: -w["teacher_accuracy"])
+        start = [r["teacher_accuracy"] for r in summary_rows if r["defense"] == "none" and not r.get("params")
+                 and finite(r.get("teacher_accuracy"))][:1]
         if ws:
-            ax.plot([w["recovery"] for w in ws], [w["teacher_accuracy"] for w in ws], color="k", lw=2.6, marker="*",
-                    ms=12, label="worst case (best attacker)", zorder=5)
+            ax.plot([1.0] * len(start) + [w["recovery"] for w in ws], start + [w["teacher_accuracy"] for w in ws],
+                    color="k", lw=2.6, marker="*", ms=12, label="worst case (best attacker)", zorder=5)
             for w in ws:
                 ax.annotate(w["attacker"], (w["recovery"], w["teacher_accuracy"]), fontsize=6,
                             xytext=(4, 4), textcoords="offset points")
         ax.axvline(1.0, color="#999", lw=0.8)
+        ax.margins(x=0.08, y=0.08)
         ax.set(title=kind, xlabel="recovery R", ylabel="teacher accuracy on the queries")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

@@ -3,8 +3,8 @@
 1. The teacher (trained once, then cached): accuracy by difficulty, per-position entropy.
 2. Distillation: HPD against SFT, SeqKD, one-hot reverse KL and one-hot JSD, each a ``distillarena distill`` run
    with the same teacher, student, data, steps and seeds.
-3. The game: no defense, temperature and PoE against passive and adaptive students (a ``distillarena game`` run
-   folder).
+3. The game: no defense, temperature and PoE against four attackers (passive, the paper's adaptive student, the
+   competent value tilt, the verifier filter) and the worst case over them (a ``distillarena game`` run folder).
 4. The four findings, computed from 2 and 3 (:mod:`.findings`), and ``report.html``.
 
 An interrupted demo resumes when rerun on its folder (``--out`` the same folder, ``--overwrite``): finished

@@ -23,6 +23,7 @@ table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding
 vertical-align:top}th{background:#f4f4f4}td.n{text-align:right;white-space:nowrap}
 .note{color:#555;font-size:.92em}.fig{display:inline-block;margin:.4em;max-width:100%}img{max-width:100%}pre{background:#f7f7f7;padding:.6em;
 overflow-x:auto;font-size:.85em}
+.tw{max-width:100%;overflow-x:auto}table.wide{font-size:.78em}table.wide td,table.wide th{padding:.2em .35em}
 """
 
 
@@ -60,7 +61,8 @@ class Report:
 
         head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
         body = "".join("<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in rows)
-        self.parts.append(f"<table><tr>{head}</tr>{body}</table>")
+        wide = " class='wide'" if len(header) > 8 else ""  # many columns: smaller type, so they fit the page
+        self.parts.append(f"<div class='tw'><table{wide}><tr>{head}</tr>{body}</table></div>")
 
     def code(self, text: str) -> None:
         self.parts.append(f"<pre>{html.escape(text)}</pre>")
