@@ -72,3 +72,30 @@ def test_a_bf16_accelerator_left_in_the_process_does_not_leak_into_training(task
             assert torch.equal(pa, pb), name
     finally:
         AcceleratorState._reset_state()
+
+
+def test_sampling_after_fused_optimizer_steps_uses_the_new_weights(task_tok):
+    """Fused AdamW updates parameters without bumping their version counters; the KV-cached decoder's cached
+    weights must not go stale (they did: every evaluation and on-policy sample during training used the weights of
+    the first sampling)."""
+    from distillarena.decoding import sample
+
+    model = build_preset("tiny", task_tok, seed=0)
+    prompts = batches_of(task_tok, [4])[0]
+
+    def greedy_logits(m):
+        res = sample(m, prompts["input_ids"][:, :6], prompts["attention_mask"][:, :6], max_new_tokens=3,
+                     temperature=0.0, eos_token_id=None, pad_token_id=task_tok.pad_token_id, fast=True)
+        return res.teacher_logprobs
+
+    p = next(model.parameters())
+    before = greedy_logits(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+    v = p._version
+    model(**{k: prompts[k] for k in ("input_ids", "attention_mask")}).logits.sum().backward()
+    opt.step()
+    assert p._version == v  # torch's fused kernel: the reason the decoder cannot trust version counters alone
+    after = greedy_logits(model)
+    fresh = greedy_logits(copy.deepcopy(model))  # a new object: no cache
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, fresh)

@@ -250,10 +250,21 @@ def _llama_weights(model: torch.nn.Module, source: Callable[[str], Tensor | None
 _FUSED_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def forget_fused_weights(model: torch.nn.Module) -> None:
+    """Drop ``model``'s cached decoder weights: a training loop calls it after each optimizer step, because fused
+    optimizers (``torch.optim.AdamW(fused=True)``) update parameters without bumping their version counters."""
+    _FUSED_CACHE.pop(model, None)
+
+
 def _fused_weights(model: torch.nn.Module):
-    """The model's weights in :class:`LlamaDecoder`'s layout, cached until a parameter changes (in place or not)."""
+    """The model's weights in :class:`LlamaDecoder`'s layout, cached until a parameter changes: its storage, its
+    version counter, or (for updates that do not bump the counter, as fused optimizers' kernels) its first and last
+    value."""
     params = list(model.named_parameters(remove_duplicate=False))
-    signature = tuple((n, p.data_ptr(), p._version) for n, p in params)
+    with torch.no_grad():
+        probe = torch.stack([v for _, p in params for v in (p.reshape(-1)[0], p.reshape(-1)[-1])]).tolist() \
+            if params else []
+    signature = (tuple((n, p.data_ptr(), p._version) for n, p in params), tuple(probe))
     hit = _FUSED_CACHE.get(model)
     if hit is not None and hit[0] == signature:
         return hit[1]
@@ -460,6 +471,7 @@ __all__ = [
     "HFDecoder",
     "IncrementalDecoder",
     "LlamaDecoder",
+    "forget_fused_weights",
     "llama_fast_path_supported",
     "make_decoder",
     "model_vocab_size",

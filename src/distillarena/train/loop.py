@@ -32,6 +32,7 @@ import torch
 from accelerate import Accelerator
 from transformers import get_cosine_schedule_with_warmup
 
+from distillarena.decoding import forget_fused_weights
 from distillarena.tasks.data import IGNORE_INDEX
 from distillarena.train import checkpoint as ckpt
 
@@ -190,6 +191,7 @@ def train(
         if config.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
+        forget_fused_weights(accelerator.unwrap_model(model))  # a fused step does not bump versions: see there
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_total += global_count
