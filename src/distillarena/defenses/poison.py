@@ -50,14 +50,19 @@ def _wrong(value: int, rng: random.Random) -> int:
 def corrupt_answer(reasoning: list[str], answer: str | None, rng: random.Random, marker: str
                    ) -> tuple[list[str], str | None]:
     """The answer line's (first) integer after the marker made wrong; no answer line: unchanged."""
+    return reasoning, _replace_stated(answer, marker, lambda stated: _wrong(stated, rng))
+
+
+def _replace_stated(answer: str | None, marker: str, new_value: Callable[[int], int]) -> str | None:
+    """``answer`` with its first integer after ``marker`` replaced by ``new_value(that integer)`` (unchanged when
+    there is no answer line or no integer in it)."""
     if answer is None:
-        return reasoning, None
+        return None
     head, sep, tail = answer.partition(marker)
     m = _INT.search(tail)
     if m is None:
-        return reasoning, answer
-    new = str(_wrong(int(m.group(0)), rng))
-    return reasoning, head + sep + tail[: m.start()] + new + tail[m.end():]
+        return answer
+    return head + sep + tail[: m.start()] + str(new_value(int(m.group(0)))) + tail[m.end():]
 
 
 def corrupt_arithmetic_step(reasoning: list[str], answer: str | None, rng: random.Random, marker: str
@@ -90,17 +95,13 @@ def corrupt_arithmetic_step(reasoning: list[str], answer: str | None, rng: rando
             changed[old_value] = value
         out[i] = f"{x}{op}{y}={value}"
         last = value
-    if answer is None:
-        return out, None
-    head, sep, tail = answer.partition(marker)
-    m = _INT.search(tail)
-    if m is None:
-        return out, answer
-    stated = int(m.group(0))
-    wrong = changed.get(stated, last if stated == int(STEP_RE.match(reasoning[steps[-1]]).group(4)) else None)
-    if wrong is None or wrong == stated:
-        wrong = _wrong(stated, rng)
-    return out, head + sep + tail[: m.start()] + str(wrong) + tail[m.end():]
+    final = int(STEP_RE.match(reasoning[steps[-1]]).group(4))
+
+    def carried(stated: int) -> int:
+        wrong = changed.get(stated, last if stated == final else None)
+        return _wrong(stated, rng) if wrong is None or wrong == stated else wrong
+
+    return out, _replace_stated(answer, marker, carried)
 
 
 Corruption = Callable[[list[str], str | None, random.Random, str], tuple[list[str], str | None]]
